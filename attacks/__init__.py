@@ -1,0 +1,1 @@
+"""Attack plugins: one module per attack, each registered in `bench.builtins`."""

@@ -1,0 +1,49 @@
+"""Index of the built-in plugins, registered lazily: a module is imported only when its plugin is used.
+
+One line per plugin; a new built-in adds its line here (third-party plugins use the
+``mergearena.plugins`` entry-point group instead).
+"""
+
+from __future__ import annotations
+
+from bench.artifact import variants
+from bench.registry import attacks, defenses, families, merges, suites
+
+# ---- defenses
+defenses.register_lazy("none", "defenses.none:NoDefense")
+defenses.register_lazy("mergeguard", "defenses.mergeguard:MergeGuard")
+defenses.register_lazy("mergeguard-stage1", "defenses.mergeguard:MergeGuardStage1")
+defenses.register_lazy("mergeguard-stage2", "defenses.mergeguard:MergeGuardStage2")
+defenses.register_lazy("params", "defenses.params:PaRaMS")
+defenses.register_lazy("params+dropout", "defenses.params:PaRaMSDropout")
+defenses.register_lazy("mergelock", "defenses.mergelock:MergeLock")
+defenses.register_lazy("mergebarrier", "defenses.mergebarrier:MergeBarrier")
+defenses.register_lazy("mergebarrier-att", "defenses.mergebarrier:MergeBarrierAttention")
+defenses.register_lazy("mergebarrier-ffn", "defenses.mergebarrier:MergeBarrierFFN")
+defenses.register_lazy("taylormlp", "defenses.taylormlp:TaylorMLP")
+
+# ---- attacks
+attacks.register_lazy("none", "attacks.none:NoAttack")
+
+# ---- merge methods
+merges.register_lazy("wa", "merges.basic:weight_average")
+merges.register_lazy("ta", "merges.basic:task_arithmetic")
+merges.register_lazy("ties", "merges.ties:ties")
+merges.register_lazy("ties-global", "merges.ties:ties_global")
+merges.register_lazy("dare-ta", "merges.dare:dare_task_arithmetic")
+merges.register_lazy("dare-ties", "merges.dare:dare_ties")
+merges.register_lazy("adamerging-task", "merges.adamerging:adamerging_task")
+merges.register_lazy("adamerging-layer", "merges.adamerging:adamerging_layer")
+
+# ---- suites
+suites.register_lazy("text-minilm", "tasks.text_minilm:TextMiniLM")
+suites.register_lazy("vision-effnet", "tasks.vision_effnet:VisionEffNet")
+
+# ---- architecture families
+families.register_lazy("bert", "bench.families.bert:BertFamily")
+families.register_lazy("efficientnet", "bench.families.efficientnet:EfficientNetFamily")
+
+# ---- module variants (structure-changed releases)
+variants.register_lazy("taylor-ffn", "defenses.taylor:TAYLOR_FFN")
+
+__all__ = ["attacks", "defenses", "families", "merges", "suites", "variants"]

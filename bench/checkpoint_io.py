@@ -1,0 +1,92 @@
+"""Checkpoint-level merging for `bench merge`: Hugging Face directories or `.safetensors` files,
+read lazily and merged tensor by tensor, written in shards, so peak memory is a shard plus a few
+tensors rather than a few models (mergekit's out-of-core pattern)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.registry import merges
+from bench.weights import CheckpointError, open_checkpoint, save_state
+
+SHARD_BYTES = 2 * 1024**3
+_COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja")
+
+
+def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out: str | os.PathLike, *, shard_bytes: int = SHARD_BYTES,
+                  metadata: Mapping[str, str] | None = None) -> Path:
+    """Write ``(name, tensor)`` pairs as one ``.safetensors`` file (``out`` ends in .safetensors) or as
+    HF shards plus ``model.safetensors.index.json`` in directory ``out``."""
+    out = Path(out)
+    if out.suffix == ".safetensors":
+        save_state(dict(tensors), out, metadata)
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    written: list[tuple[str, list[str]]] = []
+
+    def flush(final: bool) -> None:
+        nonlocal size
+        if shards[-1]:
+            name = f"model-{len(written) + 1:05d}.safetensors"
+            save_state(shards[-1], out / name, metadata)
+            written.append((name, list(shards[-1])))
+            shards[-1] = {}
+            size = 0
+
+    for name, t in tensors:
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > shard_bytes:
+            flush(False)
+        shards[-1][name] = t
+        size += nbytes
+    flush(True)
+    total = len(written)
+    if total == 1:
+        os.replace(out / written[0][0], out / "model.safetensors")
+        return out
+    index: dict[str, Any] = {"metadata": dict(metadata or {}), "weight_map": {}}
+    for i, (name, keys) in enumerate(written, 1):
+        final = f"model-{i:05d}-of-{total:05d}.safetensors"
+        os.replace(out / name, out / final)
+        index["weight_map"].update({k: final for k in keys})
+    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+    return out
+
+
+def copy_side_files(src: str | os.PathLike, out: str | os.PathLike) -> None:
+    """Copy config and tokenizer files of an HF directory (not its weights) next to new weights."""
+    src, out = Path(src), Path(out)
+    if not src.is_dir() or out.suffix == ".safetensors":
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        if f.is_file() and f.suffix in _COPY_SUFFIXES and f.name != "model.safetensors.index.json":
+            shutil.copy2(f, out / f.name)
+
+
+def merge_checkpoints(method_name: str, base: str, models: list[str], out: str, params: Mapping[str, str],
+                      seed: int = 0) -> Path:
+    """Merge ``models`` onto ``base`` with a tensor-wise method and write the result."""
+    method = merges.get(method_name)
+    if not method.tensorwise:
+        raise CheckpointError(f"merge method {method_name!r} learns its coefficients on task data; use it through `bench run`")
+    parsed = method.parse(params)
+    base_sd = open_checkpoint(base)
+    experts = [open_checkpoint(m) for m in models]
+    for path, e in zip(models, experts):
+        missing = [k for k in base_sd if k not in e]
+        if missing:
+            raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
+    meta = {"mergearena.method": method_name, "mergearena.params": json.dumps(method.spec(parsed)["params"], sort_keys=True)}
+    result = write_sharded(method.merge_iter(base_sd, experts, parsed, seed=seed), out, metadata=meta)
+    copy_side_files(models[0] if Path(models[0]).is_dir() else base, out)
+    return result

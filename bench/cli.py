@@ -1,0 +1,349 @@
+"""The ``bench`` command line.
+
+    bench run --suite text-minilm --defense all --attack all --merge all   # the cross-product
+    bench list [defense|attack|merge|suite|family]                        # what is registered
+    bench show NAME                                                       # one plugin's doc and params
+    bench results [--format table|csv|json]                               # what the store holds
+    bench suite build|show NAME                                           # experts and their accuracy
+    bench merge --method ties --base B --models A1 A2 --param k=0.2 --out OUT
+    bench protect --defense D --model DIR --base DIR --out DIR
+    bench leaderboard export|build|serve
+
+User mistakes (unknown plugin, bad parameter, missing data package, corrupt checkpoint) print one
+line and exit with status 2; no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.params import ParamError
+from bench.registry import RegistryError, attacks, defenses, families, merges, suites
+from bench.suite import MissingAssetError
+from bench.weights import CheckpointError
+
+STORE_ENV = "MERGEARENA_STORE"
+DEFAULT_SUITE = "text-minilm"
+USER_ERRORS = (RegistryError, ParamError, CheckpointError, MissingAssetError, FileNotFoundError, ValueError, KeyError)
+
+
+class UserError(Exception):
+    """A mistake in the command line; printed as one line."""
+
+
+def default_store() -> str:
+    return os.environ.get(STORE_ENV, "mergearena-results.sqlite")
+
+
+def _registry(kind: str):
+    table = {"defense": defenses, "attack": attacks, "merge": merges, "suite": suites, "family": families}
+    key = kind.rstrip("s")
+    if key not in table:
+        raise UserError(f"unknown kind {kind!r}; use one of {', '.join(table)}")
+    return table[key]
+
+
+def _describe(kind: str, name: str) -> dict:
+    obj = _registry(kind).get(name)
+    if hasattr(obj, "describe"):
+        return obj.describe()
+    doc = (obj.__doc__ or "").strip()
+    return {"name": name, "summary": doc.splitlines()[0] if doc else "", "doc": doc, "params": []}
+
+
+def _make_suite(name: str, cache_dir: str | None):
+    return suites.get(name)(cache_dir=cache_dir)
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    kinds = [args.kind] if args.kind else ["suite", "defense", "attack", "merge"]
+    for kind in kinds:
+        reg = _registry(kind)
+        print(f"{reg.kind}s:")
+        for name in reg.names():
+            try:
+                summary = _describe(kind, name)["summary"]
+            except Exception as exc:  # a broken plugin is listed with its error, not hidden
+                summary = f"(failed to load: {exc})"
+            print(f"  {name:<22} {summary}")
+    return 0
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    found = False
+    for kind in ("defense", "attack", "merge", "suite", "family"):
+        if args.name in _registry(kind):
+            found = True
+            d = _describe(kind, args.name)
+            print(f"{kind} {args.name}" + (f" (version {d['version']})" if d.get("version") else ""))
+            print(d.get("doc") or d.get("summary") or "")
+            if d.get("paper"):
+                print(f"paper: {d['paper']}")
+            if d.get("code"):
+                print(f"code: {d['code']}")
+            for p in d.get("params", []):
+                print(f"  --param {args.name}.{p['name']}=<{p['type']}>   default {p['default']}")
+    if not found:
+        defenses.get(args.name)  # raises with did-you-mean over defenses
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from bench.executors.local import run_local
+    from bench.plan import build_plan, parse_param_args
+    from bench.plugins import AttackNeeds
+    from bench.report import summary_tables
+    from bench.runner import environment
+    from bench.store import Store
+
+    suite_names = [s.strip() for s in args.suite.split(",") if s.strip()]
+    if suite_names == ["all"]:
+        suite_names = suites.names()
+    params = parse_param_args(args.param)
+    budget = AttackNeeds(anchor=True, labelled=args.budget_labelled, unlabelled=args.budget_unlabelled,
+                         finetune_steps=args.budget_steps, knows_defense=not args.defense_unknown)
+    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
+    plans = []
+    for name in suite_names:
+        suite = _make_suite(name, args.cache_dir)
+        plan = build_plan(suite, defense=args.defense, attack=args.attack, merge=args.merge, seeds=seeds,
+                          victims=args.victims.split(",") if args.victims else None, partners=args.partners,
+                          params=params, budget=budget)
+        plans.append(plan)
+    store = Store(args.store)
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    from bench.runner import pending
+
+    for plan in plans:
+        todo, skipped = pending(plan.cells, store)
+        print(f"{plan.suite.name}: {len(plan.cells)} cells ({len(plan.not_applicable)} N/A), "
+              f"{skipped} already in {args.store}, {len(todo)} to run")
+        if args.dry_run:
+            for c in todo:
+                print(f"  {c.cell_id}  {c.kind:<8} {c.victim:<18} {c.defense_label:<18} {c.attack_label:<26} {c.merge_label:<16} "
+                      f"seed={c.seed}" + (f"  N/A: {c.na_reason}" if c.na_reason else ""))
+    if args.dry_run:
+        return 0
+    if args.executor == "ray":
+        from bench.executors.ray_executor import run_ray as runner_fn  # optional extra [ray]
+    else:
+        runner_fn = None
+    store.start_run(run_id, sys.argv, environment())
+    exit_code = 0
+    for plan in plans:
+        if runner_fn is not None:
+            summary = runner_fn(plan.suite, store, plan.cells, run_id=run_id, address=args.address)
+        else:
+            summary = run_local(plan.suite, store, plan.cells, run_id=run_id, jobs=args.jobs)
+        if summary.skipped == summary.total:
+            print(f"{plan.suite.name}: all {summary.total} cells were already in the store; no model work was done.")
+        else:
+            print(f"{plan.suite.name}: ran {summary.ok + summary.na + summary.failed} cells in {summary.seconds:.1f}s "
+                  f"({summary.ok} ok, {summary.na} N/A, {summary.failed} failed; {summary.skipped} skipped as done)")
+        if summary.failed:
+            exit_code = 1
+            for rec in summary.records:
+                if rec.status == "failed":
+                    print(f"  failed {rec.defense}/{rec.attack}/{rec.merge} on {rec.victim}: {rec.reason}", file=sys.stderr)
+        ids = {c.cell_id for c in plan.cells}
+        print(summary_tables([r for r in store.cells(suite=plan.suite.name) if r.cell_id in ids]))
+    store.finish_run(run_id)
+    return exit_code
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    from bench.report import to_format
+    from bench.store import Store
+
+    if not Path(args.store).is_file():
+        raise UserError(f"no results store at {args.store}; run `bench run` first or pass --store")
+    where = {k: v for k, v in (("suite", args.suite), ("defense", args.defense), ("attack", args.attack)) if v}
+    with Store(args.store) as store:
+        print(to_format(store.cells(**where), args.format))
+    return 0
+
+
+def cmd_suite(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    suite = _make_suite(args.name, args.cache_dir)
+    if args.action == "build":
+        for t in suite.tasks:
+            print(f"{suite.name}/{t}: {'cached' if suite.expert_cached(t) else 'building'}", flush=True)
+            suite.expert(t)
+        print(f"experts in {suite.expert_dir()}")
+        return 0
+    rows = []
+    pre = suite.pretrained()
+    for t in suite.tasks:
+        if not suite.expert_cached(t) and not args.build:
+            rows.append([t, "-", "-", "(not built: bench suite build " + suite.name + ")"])
+            continue
+        e = suite.expert(t)
+        pre_acc = suite.evaluate(pre, e.head, t)[suite.primary_metric]
+        accs = {u: suite.evaluate(e.body, suite.expert(u).head if u != t else e.head, u)[suite.primary_metric]
+                for u in suite.tasks if suite.expert_cached(u)} if args.cross else {t: suite.evaluate(e.body, e.head, t)[suite.primary_metric]}
+        rows.append([t, f"{pre_acc:.3f}", f"{accs[t]:.3f}", ", ".join(f"{u}={v:.3f}" for u, v in accs.items() if u != t)])
+    print(f"suite {suite.name}: {suite.description}")
+    print(f"family {suite.family().name}; recipe {suite.recipe_hash()}; cache {suite.expert_dir()}")
+    print(tabulate(rows, headers=["task", "θ_pre", "expert", "expert on other tasks"], tablefmt="github"))
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from bench.checkpoint_io import merge_checkpoints
+
+    params = dict(p.split("=", 1) for p in args.param) if args.param else {}
+    bad = [p for p in args.param if "=" not in p]
+    if bad:
+        raise UserError(f"--param {bad[0]!r}: expected KEY=VALUE")
+    out = merge_checkpoints(args.method, args.base, args.models, args.out, params, seed=args.seed)
+    print(f"merged {len(args.models)} model(s) with {args.method} into {out}")
+    return 0
+
+
+def cmd_protect(args: argparse.Namespace) -> int:
+    from bench.protect import protect_checkpoint
+
+    params = dict(p.split("=", 1) for p in args.param) if args.param else {}
+    note = protect_checkpoint(args.defense, args.model, args.base, args.out, params, family=args.family,
+                              data=args.data, seed=args.seed)
+    print(f"protected {args.model} with {args.defense} -> {args.out}")
+    for k, v in note.items():
+        if k in ("defense", "what", "output_hash", "input_hash"):
+            print(f"  {k}: {v}")
+    return 0
+
+
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from bench.store import Store
+    from leaderboard import export as lb_export
+    from leaderboard import site as lb_site
+
+    if args.action in ("export", "build") and not Path(args.store).is_file():
+        raise UserError(f"no results store at {args.store}; run `bench run` first or pass --store")
+    if args.action == "export":
+        with Store(args.store) as store:
+            files = lb_export.export(store, Path(args.out))
+        print(f"wrote {len(files)} files to {args.out}")
+    elif args.action == "build":
+        with Store(args.store) as store:
+            index = lb_site.build_site(store, Path(args.out))
+        print(f"site written: {index}")
+    else:
+        lb_site.serve(Path(args.out), args.port)
+    return 0
+
+
+# ---------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(sp: argparse.ArgumentParser, store: bool = True, cache: bool = True) -> None:
+        if store:
+            sp.add_argument("--store", default=default_store(), help=f"results database (SQLite; default ${STORE_ENV} or ./mergearena-results.sqlite)")
+        if cache:
+            sp.add_argument("--cache-dir", default=None, help="cache of experts and artifacts (default $MERGEARENA_CACHE or ~/.cache/mergearena)")
+
+    r = sub.add_parser("run", help="run the cross-product defense x attack x merge x task",
+                       description="Plan and run cells; finished cells in the store are skipped, so a killed run resumes.")
+    r.add_argument("--suite", default=DEFAULT_SUITE, help="suite name(s), comma list or 'all' (default text-minilm)")
+    r.add_argument("--defense", default="none", help="defense(s): comma list or 'all' (none is always included)")
+    r.add_argument("--attack", default="none", help="attack(s): comma list, A+B composites, or 'all' (none is always included)")
+    r.add_argument("--merge", default="all", help="merge method(s): comma list or 'all'")
+    r.add_argument("--victims", default=None, help="restrict victim tasks (comma list; default every task)")
+    r.add_argument("--partners", default="rest", choices=["rest", "pairs"], help="merge the victim with all other tasks (rest) or one at a time (pairs)")
+    r.add_argument("--seeds", default="0", help="comma list of seeds (defense randomness, DARE, attacks)")
+    r.add_argument("--param", action="append", default=[], metavar="PLUGIN.KEY=VALUE", help="plugin parameter, e.g. ta.lambda_=0.5 (repeatable)")
+    r.add_argument("--jobs", type=int, default=1, help="worker processes (local executor)")
+    r.add_argument("--executor", default="local", choices=["local", "ray"], help="where cells run")
+    r.add_argument("--address", default=None, help="Ray cluster address (with --executor ray)")
+    r.add_argument("--budget-labelled", type=int, default=256, help="labelled victim samples an attacker may use")
+    r.add_argument("--budget-unlabelled", type=int, default=1024, help="unlabelled victim inputs an attacker may use")
+    r.add_argument("--budget-steps", type=int, default=1000, help="fine-tuning steps an attacker may take")
+    r.add_argument("--defense-unknown", action="store_true", help="attackers do not know which defense was applied")
+    r.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    common(r)
+    r.set_defaults(func=cmd_run)
+
+    ls = sub.add_parser("list", help="list registered plugins")
+    ls.add_argument("kind", nargs="?", help="defense, attack, merge, suite or family")
+    ls.set_defaults(func=cmd_list)
+
+    sh = sub.add_parser("show", help="show a plugin's documentation and parameters")
+    sh.add_argument("name")
+    sh.set_defaults(func=cmd_show)
+
+    res = sub.add_parser("results", help="print stored results")
+    res.add_argument("--format", default="table", choices=["table", "csv", "json"])
+    res.add_argument("--suite")
+    res.add_argument("--defense")
+    res.add_argument("--attack")
+    common(res, cache=False)
+    res.set_defaults(func=cmd_results)
+
+    su = sub.add_parser("suite", help="build a suite's experts, or show θ_pre and every expert on every task")
+    su.add_argument("action", choices=["build", "show"])
+    su.add_argument("name")
+    su.add_argument("--build", action="store_true", help="with show: build missing experts")
+    su.add_argument("--cross", action="store_true", help="with show: every expert on every task")
+    common(su, store=False)
+    su.set_defaults(func=cmd_suite)
+
+    m = sub.add_parser("merge", help="merge checkpoints (HF directories or .safetensors) tensor by tensor")
+    m.add_argument("--method", required=True)
+    m.add_argument("--base", required=True, help="θ_pre checkpoint")
+    m.add_argument("--models", required=True, nargs="+", help="expert checkpoints")
+    m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", required=True, help="output directory (HF layout) or .safetensors file")
+    m.set_defaults(func=cmd_merge)
+
+    pr = sub.add_parser("protect", help="apply a defense to a checkpoint (for model owners)")
+    pr.add_argument("--defense", required=True)
+    pr.add_argument("--model", required=True, help="the fine-tuned checkpoint to protect")
+    pr.add_argument("--base", required=True, help="θ_pre it was fine-tuned from")
+    pr.add_argument("--out", required=True)
+    pr.add_argument("--family", default=None, help="architecture family (default: detected from config.json)")
+    pr.add_argument("--data", default=None, help="JSONL file of {text,label} (or suite:NAME/TASK) for defenses that need data")
+    pr.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    pr.add_argument("--seed", type=int, default=0)
+    pr.set_defaults(func=cmd_protect)
+
+    lb = sub.add_parser("leaderboard", help="export results as JSON, build the static site, or serve it")
+    lb.add_argument("action", choices=["export", "build", "serve"])
+    lb.add_argument("--out", default="site", help="output directory")
+    lb.add_argument("--port", type=int, default=8000)
+    common(lb, cache=False)
+    lb.set_defaults(func=cmd_leaderboard)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (UserError, *USER_ERRORS) as exc:
+        msg = str(exc.args[0]) if isinstance(exc, KeyError) and exc.args else str(exc)
+        print(f"bench: error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("bench: interrupted; finished cells are in the store and a re-run resumes", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

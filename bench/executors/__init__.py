@@ -1,0 +1,1 @@
+"""Executors run planned cells: in-process / process pool locally, or Ray across machines."""

@@ -1,0 +1,110 @@
+"""Run cells in this process (``--jobs 1``) or in a pool of worker processes (``--jobs N``).
+
+Only this driver writes cells to the store; workers return records. Experts are built here first
+so that workers only read them from the cache. Cells are grouped by (victim, partners, defense,
+seed) so the artifact of a group is computed once and shared by its attacks and merges.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+import torch
+from tqdm import tqdm
+
+from bench.plan import Cell
+from bench.registry import suites
+from bench.runner import Runner, RunSummary, pending
+from bench.store import CellRecord, Store
+from bench.suite import Suite
+
+
+def _progress_enabled() -> bool:
+    return sys.stderr.isatty() and os.environ.get("MERGEARENA_QUIET") != "1"
+
+
+def group_cells(cells: Sequence[Cell]) -> list[list[Cell]]:
+    groups: dict[tuple, list[Cell]] = defaultdict(list)
+    for c in cells:
+        groups[(c.kind, c.victim, c.partners, c.defense_label, c.seed)].append(c)
+    # baselines first: they are cheap and fill the evaluation cache
+    return sorted(groups.values(), key=lambda g: g[0].kind != "baseline")
+
+
+def build_experts(suite: Suite, cells: Sequence[Cell], log: Callable[[str], None]) -> None:
+    needed = sorted({t for c in cells if not c.na_reason for t in (c.victim, *c.partners)}, key=suite.tasks.index)
+    for t in needed:
+        if not suite.expert_cached(t):
+            log(f"building expert {suite.name}/{t} (cached for later runs)")
+        suite.expert(t)
+
+
+def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str, jobs: int = 1,
+              log: Callable[[str], None] = print, on_record: Callable[[CellRecord], None] | None = None) -> RunSummary:
+    t0 = time.time()
+    todo, skipped = pending(cells, store)
+    summary = RunSummary(total=len(cells), skipped=skipped)
+    if not todo:
+        summary.seconds = time.time() - t0
+        return summary
+    build_experts(suite, todo, log)
+
+    def record(rec: CellRecord, worked: bool) -> None:
+        if store.put_cell(rec):
+            summary.records.append(rec)
+            setattr(summary, rec.status, getattr(summary, rec.status) + 1)
+            summary.worked += int(worked)
+            if on_record:
+                on_record(rec)
+
+    bar = tqdm(total=len(todo), desc=f"{suite.name} cells", unit="cell", disable=not _progress_enabled())
+    if jobs <= 1:
+        runner = Runner(suite, store, run_id)
+        for group in group_cells(todo):
+            for cell in group:
+                out = runner.run_cell(cell)
+                record(out.record, out.worked)
+                bar.update(1)
+    else:
+        ctx = multiprocessing.get_context("spawn")
+        threads = max(1, (os.cpu_count() or 1) // jobs)
+        with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(suite.name, str(suite.cache_dir), str(store.path), run_id, threads)) as pool:
+            futures = {pool.submit(_run_group, g) for g in group_cells(todo)}
+            while futures:
+                finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+                for f in finished:
+                    for rec, worked in f.result():
+                        record(rec, worked)
+                        bar.update(1)
+    bar.close()
+    summary.seconds = time.time() - t0
+    return summary
+
+
+# ---------------------------------------------------------------- worker side
+
+_worker: Runner | None = None
+
+
+def _init_worker(suite_name: str, cache_dir: str, store_path: str, run_id: str, threads: int) -> None:
+    global _worker
+    torch.set_num_threads(threads)
+    os.environ["MERGEARENA_QUIET"] = "1"
+    suite = suites.get(suite_name)(cache_dir=cache_dir)
+    _worker = Runner(suite, Store(store_path), run_id)
+
+
+def _run_group(cells: list[Cell]) -> list[tuple[CellRecord, bool]]:
+    assert _worker is not None
+    out = []
+    for c in cells:
+        res = _worker.run_cell(c)
+        out.append((res.record, res.worked))
+    return out

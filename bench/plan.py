@@ -1,0 +1,238 @@
+"""The cross-product of a run: suite x victim x partner set x defense x attack x merge x seed.
+
+Cells that cannot run are kept with an N/A reason (a defense that needs attention on a CNN, an
+attack that needs more data than the budget, a structure-changed release merged by an attack that
+cannot restore the structure), so the results say *why* a number is missing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bench.merging import MergeMethod
+from bench.params import params_dict, parse_params
+from bench.plugins import DEFAULT_BUDGET, Attack, AttackNeeds, CompositeAttack, Defense
+from bench.registry import attacks, defenses, merges, suites
+from bench.suite import Suite
+from bench.weights import hash_json
+
+PartnerMode = Literal["rest", "pairs"]
+
+
+@dataclass(frozen=True)
+class MergeChoice:
+    """A merge method with its parameters."""
+
+    method: MergeMethod
+    params: Any
+
+    @property
+    def label(self) -> str:
+        return self.method.name
+
+    def spec(self) -> dict[str, Any]:
+        return self.method.spec(self.params)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One (suite, victim, partners, defense, attack, merge, seed), or a baseline (kind='baseline')."""
+
+    kind: Literal["baseline", "merge"]
+    suite: str
+    recipe_hash: str
+    """Hash of the suite's expert recipe: experts change when it does, so cells do too."""
+    victim: str
+    partners: tuple[str, ...]
+    seed: int
+    defense: Defense | None = None
+    attack: Attack | None = None
+    merge: MergeChoice | None = None
+    na_reason: str = ""
+    """Non-empty when the cell cannot run; stored with status 'na'."""
+
+    @property
+    def defense_label(self) -> str:
+        return self.defense.name if self.defense else "-"
+
+    @property
+    def attack_label(self) -> str:
+        return attack_label(self.attack) if self.attack else "-"
+
+    @property
+    def merge_label(self) -> str:
+        return self.merge.label if self.merge else "-"
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind, "suite": self.suite, "recipe_hash": self.recipe_hash, "victim": self.victim,
+            "partners": list(self.partners), "seed": self.seed,
+            "defense": self.defense.spec() if self.defense else None,
+            "attack": self.attack.spec() if self.attack else None,
+            "merge": self.merge.spec() if self.merge else None,
+        }
+
+    @property
+    def cell_id(self) -> str:
+        return hash_json(self.spec())[:24]
+
+
+def attack_label(attack: Attack) -> str:
+    """The attack's name, with its swept parameters when it is one point of a sweep."""
+    label = getattr(attack, "label", None)
+    return label if isinstance(label, str) and label else attack.name
+
+
+@dataclass
+class Plan:
+    suite: Suite
+    cells: list[Cell] = field(default_factory=list)
+
+    @property
+    def runnable(self) -> list[Cell]:
+        return [c for c in self.cells if not c.na_reason]
+
+    @property
+    def not_applicable(self) -> list[Cell]:
+        return [c for c in self.cells if c.na_reason]
+
+
+# ---------------------------------------------------------------- selecting plugins
+
+
+def _select(names: str | Sequence[str], available: Sequence[str], kind: str) -> list[str]:
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"no {kind} selected")
+    if list(names) == ["all"]:
+        return list(available)
+    return list(names)
+
+
+def _overrides(params: Mapping[str, Mapping[str, str]], name: str) -> dict[str, str]:
+    return dict(params.get(name, {}))
+
+
+def make_defense(name: str, overrides: Mapping[str, str] | None = None) -> Defense:
+    return defenses.get(name).from_overrides(overrides)
+
+
+def make_attacks(name: str, params: Mapping[str, Mapping[str, str]] | None = None) -> list[Attack]:
+    """One attack, a '+'-composite, or every point of an attack's declared sweep."""
+    params = params or {}
+    if "+" in name:
+        steps = [make_attacks(part, params)[0] for part in name.split("+")]
+        return [CompositeAttack(steps)]
+    cls = attacks.get(name)
+    given = _overrides(params, name)
+    sweep: Mapping[str, Sequence[Any]] = getattr(cls, "sweep", {}) or {}
+    sweep = {k: v for k, v in sweep.items() if k not in given}
+    if not sweep:
+        return [cls.from_overrides(given)]
+    out = []
+    keys = sorted(sweep)
+    for values in itertools.product(*(sweep[k] for k in keys)):
+        point = dict(zip(keys, values))
+        attack = cls(parse_params(cls.Params, {**given, **point}))
+        attack.label = f"{name}[{','.join(f'{k}={v}' for k, v in point.items())}]"
+        out.append(attack)
+    return out
+
+
+def standard_attacks() -> list[str]:
+    """Every registered attack plus the composites the attack modules declare as standard."""
+    names = list(attacks.names())
+    for n in list(names):
+        for composite in getattr(attacks.get(n), "standard_composites", ()) or ():
+            if composite not in names:
+                names.append(composite)
+    return names
+
+
+def make_merge(name: str, overrides: Mapping[str, str] | None = None) -> MergeChoice:
+    method = merges.get(name)
+    return MergeChoice(method, method.parse(overrides))
+
+
+# ---------------------------------------------------------------- the plan
+
+
+def partner_sets(tasks: Sequence[str], victim: str, mode: PartnerMode) -> list[tuple[str, ...]]:
+    others = tuple(t for t in tasks if t != victim)
+    if mode == "rest":
+        return [others]
+    if mode == "pairs":
+        return [(o,) for o in others]
+    raise ValueError(f"unknown partner mode {mode!r}; use 'rest' or 'pairs'")
+
+
+def applicability(defense: Defense, attack: Attack, merge: MergeChoice, features: frozenset[str],
+                  budget: AttackNeeds) -> str:
+    """Why a (defense, attack, merge) cannot run on a suite, or '' when it can."""
+    missing = set(defense.applies_to) - set(features)
+    if missing:
+        return f"defense {defense.name} needs {', '.join(sorted(missing))}, which this architecture lacks"
+    over = attack.needs().exceeds(budget)
+    if over:
+        return f"attack {attack_label(attack)} " + "; ".join(over)
+    if defense.changes_structure and not attack.restores_structure:
+        return (f"defense {defense.name} releases a structure θ_pre does not have; a plain merge cannot combine it "
+                f"(attack {attack_label(attack)} does not restore the structure)")
+    requires = getattr(attack, "requires_features", frozenset())
+    if set(requires) - set(features):
+        return f"attack {attack_label(attack)} needs {', '.join(sorted(set(requires) - set(features)))}"
+    return ""
+
+
+def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: str | Sequence[str] = "none",
+               merge: str | Sequence[str] = "ta", seeds: Sequence[int] = (0,), victims: Sequence[str] | None = None,
+               partners: PartnerMode = "rest", params: Mapping[str, Mapping[str, str]] | None = None,
+               budget: AttackNeeds = DEFAULT_BUDGET) -> Plan:
+    """Cells of the cross-product; baseline cells and the none/none reference cells are always included."""
+    params = params or {}
+    defense_names = _select(defense, defenses.names(), "defense")
+    attack_names = _select(attack, standard_attacks(), "attack")
+    merge_names = _select(merge, merges.names(), "merge method")
+    # Scores are relative to the unprotected plain merge: always plan it alongside.
+    if "none" not in defense_names:
+        defense_names = ["none", *defense_names]
+    if "none" not in attack_names:
+        attack_names = ["none", *attack_names]
+    defense_objs = [make_defense(n, _overrides(params, n)) for n in defense_names]
+    attack_objs = [a for n in attack_names for a in make_attacks(n, params)]
+    merge_objs = [make_merge(n, _overrides(params, n)) for n in merge_names]
+    tasks = list(victims) if victims else list(suite.tasks)
+    for t in tasks:
+        suite.check_task(t)
+    features = suite.arch_map().features
+    recipe = suite.recipe_hash()
+    plan = Plan(suite)
+    for seed, victim in itertools.product(seeds, tasks):
+        plan.cells.append(Cell("baseline", suite.name, recipe, victim, tuple(t for t in suite.tasks if t != victim), seed))
+        for group in partner_sets(suite.tasks, victim, partners):
+            for d, a, m in itertools.product(defense_objs, attack_objs, merge_objs):
+                # The reference row is the unprotected plain merge; other attacks on an
+                # unprotected expert are still informative (their cost, their side effects).
+                reason = applicability(d, a, m, features, budget)
+                plan.cells.append(Cell("merge", suite.name, recipe, victim, group, seed, d, a, m, reason))
+    return plan
+
+
+def parse_param_args(items: Sequence[str]) -> dict[str, dict[str, str]]:
+    """``["params.alpha_high=10", "ta.lambda_=0.5"]`` -> ``{"params": {"alpha_high": "10"}, ...}``."""
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise ValueError(f"--param {item!r}: expected PLUGIN.KEY=VALUE, e.g. ta.lambda_=0.5")
+        key, value = item.split("=", 1)
+        plugin, name = key.rsplit(".", 1)
+        out.setdefault(plugin, {})[name] = value
+    return out
+
+
+__all__ = ["Cell", "MergeChoice", "Plan", "build_plan", "make_attacks", "make_defense", "make_merge",
+           "parse_param_args", "params_dict", "standard_attacks"]

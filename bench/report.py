@@ -1,0 +1,71 @@
+"""Terminal tables of stored results (``bench run`` prints them at the end; ``bench results`` on demand)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pandas as pd
+from tabulate import tabulate
+
+from bench.store import CellRecord
+
+
+def results_frame(records: Sequence[CellRecord]) -> pd.DataFrame:
+    """One row per stored metric, with the cell's coordinates (the long format CSV/JSON export)."""
+    rows = []
+    for r in records:
+        base = {"cell_id": r.cell_id, "suite": r.suite, "kind": r.kind, "victim": r.victim, "partners": ",".join(r.partners),
+                "defense": r.defense, "attack": r.attack, "merge": r.merge, "seed": r.seed, "status": r.status,
+                "reason": r.reason}
+        if not r.metrics:
+            rows.append({**base, "role": None, "task": None, "metric": None, "value": None, "higher_is_better": None})
+        for m in r.metrics:
+            rows.append({**base, "role": m.role, "task": m.task, "metric": m.metric, "value": m.value,
+                         "higher_is_better": m.higher_is_better})
+    return pd.DataFrame(rows)
+
+
+def _pivot(df: pd.DataFrame, index: list[str], tasks: list[str]) -> pd.DataFrame:
+    table = df.pivot_table(index=index, columns="task", values="value", aggfunc="mean")
+    table = table.reindex(columns=[t for t in tasks if t in table.columns])
+    table["mean"] = table.mean(axis=1)
+    return table
+
+
+def summary_tables(records: Sequence[CellRecord], metric: str = "accuracy") -> str:
+    """Standalone accuracy (θ_pre, experts, protected artifacts) and merged victim accuracy per cell."""
+    df = results_frame(records)
+    if df.empty or df["metric"].isna().all():
+        return "no results"
+    ok = df[(df.status == "ok") & (df.metric == metric)]
+    tasks = list(dict.fromkeys(ok.sort_values("cell_id")["victim"]))
+    parts = []
+    base = ok[ok.role.isin(["pretrained", "expert"])]
+    util = ok[ok.role == "utility"].assign(role=lambda d: "protected: " + d.defense)
+    standalone = pd.concat([base, util])
+    if not standalone.empty:
+        t = _pivot(standalone, ["suite", "role"], tasks)
+        order = {"pretrained": 0, "expert": 1}
+        t = t.sort_index(key=lambda idx: idx.map(lambda v: (order.get(v, 2), v)) if idx.name == "role" else idx)
+        parts.append(f"Standalone {metric} (θ_pre = pretrained body with each expert's head):\n"
+                     + tabulate(t, headers="keys", floatfmt=".3f", tablefmt="github"))
+    merged = ok[(ok.role == "merged") & (ok.task == ok.victim)]
+    if not merged.empty:
+        t = _pivot(merged, ["suite", "defense", "attack", "merge"], tasks)
+        parts.append(f"Merged {metric} on the victim task (columns: victim; partners merged alongside):\n"
+                     + tabulate(t, headers="keys", floatfmt=".3f", tablefmt="github"))
+    na = df[df.status.isin(["na", "failed"])].drop_duplicates("cell_id")
+    if not na.empty:
+        counts = na.groupby(["status", "defense", "attack", "reason"]).size().reset_index(name="cells")
+        parts.append("Not run:\n" + tabulate(counts, headers="keys", tablefmt="github", showindex=False, maxcolwidths=[None, None, None, 70, None]))
+    return "\n\n".join(parts)
+
+
+def to_format(records: Sequence[CellRecord], fmt: str) -> str:
+    df = results_frame(records)
+    if fmt == "csv":
+        return df.to_csv(index=False)
+    if fmt == "json":
+        return json.dumps(df.to_dict(orient="records"), indent=1, default=str)
+    return summary_tables(records)

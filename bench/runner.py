@@ -1,0 +1,279 @@
+"""Executes planned cells stage by stage, with content-addressed caching.
+
+Stages of a merge cell (DESIGN §3): protect -> utility -> prepare -> merge -> finish -> evaluate.
+Artifacts are cached on disk under ``<cache>/artifacts/<key>`` (key: expert hash, defense spec,
+seed); evaluations are cached in the store's stage table under a hash of the evaluated weights,
+the head, the task and the suite recipe. Cells already in the store are skipped before any model
+work, so a warm re-run of a finished matrix only hashes cell specs. A failing plugin fails its
+cell (status 'failed' with the reason), never the run.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import shutil
+import subprocess
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from bench.artifact import Artifact
+from bench.merging import MergeContext
+from bench.plan import Cell
+from bench.plugins import AttackContext, DefenseContext
+from bench.store import CellRecord, Metric, Store
+from bench.suite import Expert, Suite
+from bench.weights import hash_json, load_state, save_state, state_hash
+
+#: Relative tolerance of the function-preservation check: max |Δlogit| <= tol * max(1, max |logit|).
+PRESERVATION_TOLERANCE = 1e-3
+
+
+def environment() -> dict[str, Any]:
+    """Package versions, git hash, host: the run-level provenance."""
+    pkgs = {}
+    for name in ("mergearena", "torch", "transformers", "safetensors", "numpy", "scipy", "lm-eval", "diffusers", "ray"):
+        try:
+            pkgs[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return {
+        "packages": pkgs, "git": git_hash(), "python": platform.python_version(), "host": platform.node(),
+        "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch_threads": torch.get_num_threads(),
+    }
+
+
+def git_hash() -> str:
+    root = Path(__file__).resolve().parent.parent
+    try:
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5)
+        return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        return ""
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass
+class ArtifactCache:
+    """Protected artifacts on disk, keyed by a hash of their inputs."""
+
+    root: Path
+
+    def path(self, key: str) -> Path:
+        return self.root / "artifacts" / key
+
+    def load(self, key: str) -> tuple[Artifact, dict[str, Any]] | None:
+        d = self.path(key)
+        meta_path = d / "meta.json"
+        if not meta_path.is_file():
+            return None
+        meta = json.loads(meta_path.read_text())
+        head = load_state(d / "head.safetensors") if (d / "head.safetensors").is_file() else None
+        art = Artifact(state=load_state(d / "state.safetensors"), variant=meta["variant"], head=head, notes=meta["notes"])
+        return art, meta
+
+    def save(self, key: str, art: Artifact, meta: dict[str, Any]) -> None:
+        d = self.path(key)
+        tmp = d.with_name(d.name + ".partial")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_state(art.state, tmp / "state.safetensors")
+        if art.head is not None:
+            save_state(art.head, tmp / "head.safetensors")
+        (tmp / "meta.json").write_text(json.dumps({**meta, "variant": art.variant, "notes": art.notes}, default=str, sort_keys=True))
+        shutil.rmtree(d, ignore_errors=True)
+        tmp.rename(d)  # a finished directory appears at once or not at all
+
+
+@dataclass
+class CellOutcome:
+    record: CellRecord
+    worked: bool
+    """Whether any model work ran (False when every stage came from a cache)."""
+
+
+@dataclass
+class Runner:
+    """Runs cells of one suite against a store and a cache directory."""
+
+    suite: Suite
+    store: Store
+    run_id: str = ""
+    progress: Callable[[str], None] = field(default=lambda msg: None)
+
+    def __post_init__(self) -> None:
+        self.artifacts = ArtifactCache(self.suite.cache_dir)
+        self._arch = None
+
+    # ------------------------------------------------------------ evaluation with a cache
+
+    def _evaluate(self, body: dict | Artifact, head: dict, task: str, merged: bool, body_hash: str | None = None) -> tuple[dict[str, float], bool]:
+        """Metrics of (body, head) on task; second value True when computed now."""
+        if body_hash is None:
+            body_hash = body.content_hash() if isinstance(body, Artifact) else state_hash(body)
+        key = "eval:" + hash_json({"body": body_hash, "head": state_hash(head), "task": task, "merged": merged,
+                                   "suite": self.suite.name, "recipe": self.suite.recipe_hash()})
+        cached = self.store.get_stage(key)
+        if cached is not None:
+            return cached, False
+        metrics = {k: float(v) for k, v in self.suite.evaluate(body, head, task, merged=merged).items()}
+        self.store.put_stage(key, metrics)
+        return metrics, True
+
+    def _metrics(self, role: str, task: str, values: dict[str, float]) -> list[Metric]:
+        return [Metric(role, task, k, v, self.suite.higher_is_better) for k, v in sorted(values.items())]
+
+    # ------------------------------------------------------------ cells
+
+    def run_cell(self, cell: Cell) -> CellOutcome:
+        """Execute one cell; exceptions become a 'failed' record with the reason."""
+        start = time.time()
+        base_fields = dict(cell_id=cell.cell_id, kind=cell.kind, suite=cell.suite, victim=cell.victim,
+                           partners=cell.partners, defense=cell.defense_label, attack=cell.attack_label,
+                           merge=cell.merge_label, seed=cell.seed, spec=cell.spec(), run_id=self.run_id)
+        if cell.na_reason:
+            return CellOutcome(CellRecord(status="na", reason=cell.na_reason, **base_fields), False)
+        try:
+            if cell.kind == "baseline":
+                metrics, prov, worked = self._baseline(cell)
+            else:
+                metrics, prov, worked = self._merge_cell(cell)
+        except Exception as exc:  # a failing plugin fails its cell, not the run
+            reason = f"{type(exc).__name__}: {exc}"
+            prov = {"traceback": traceback.format_exc(limit=8), "wall_seconds": time.time() - start}
+            return CellOutcome(CellRecord(status="failed", reason=reason, provenance=prov, **base_fields), True)
+        prov["wall_seconds"] = round(time.time() - start, 3)
+        prov["peak_rss_mb"] = round(peak_rss_mb(), 1)
+        return CellOutcome(CellRecord(status="ok", metrics=tuple(metrics), provenance=prov, **base_fields), worked)
+
+    def _baseline(self, cell: Cell) -> tuple[list[Metric], dict[str, Any], bool]:
+        expert = self.suite.expert(cell.victim)
+        pre, w1 = self._evaluate(self.suite.pretrained(), expert.head, cell.victim, merged=False)
+        ft, w2 = self._evaluate(expert.body, expert.head, cell.victim, merged=False)
+        prov = {"hashes": {"pretrained": self.suite.pretrained_hash(), "expert": state_hash(expert.body)}}
+        return self._metrics("pretrained", cell.victim, pre) + self._metrics("expert", cell.victim, ft), prov, w1 or w2
+
+    def protect(self, cell: Cell, expert: Expert) -> tuple[Artifact, dict[str, Any], bool]:
+        """The defense's artifact for the victim expert: from the artifact cache, or computed and cached."""
+        assert cell.defense is not None
+        expert_hash = state_hash(expert.body)
+        key = hash_json({"expert": expert_hash, "head": state_hash(expert.head), "defense": cell.defense.spec(),
+                         "seed": cell.seed, "suite": cell.suite, "task": cell.victim})[:32]
+        cached = self.artifacts.load(key)
+        if cached is not None:
+            return cached[0], cached[1], False
+        ctx = DefenseContext(suite=self.suite, task=cell.victim, base=self.suite.pretrained(), arch=self.suite.arch_map(),
+                             family=self.suite.family(), seed=cell.seed)
+        t0 = time.time()
+        art = cell.defense.protect(expert, ctx)
+        seconds = time.time() - t0
+        meta = {"protect_seconds": round(seconds, 3), "expert_hash": expert_hash, "defense": cell.defense.spec(),
+                "artifact_hash": art.content_hash()}
+        meta["function_preservation"] = self._check_preservation(cell, expert, art) if cell.defense.function_preserving else None
+        self.artifacts.save(key, art, meta)
+        return art, meta, True
+
+    def _check_preservation(self, cell: Cell, expert: Expert, art: Artifact) -> dict[str, Any]:
+        """Compare logits of artifact and expert on probe inputs (the victim's first test batch)."""
+        batch = next(iter(self.suite.batches(cell.victim, "test", batch_size=16, limit=16)))
+        head = art.head if art.head is not None else expert.head
+        with torch.no_grad():
+            ref = self.suite.task_model(expert.body, expert.head, cell.victim)(**batch.inputs)
+            out = self.suite.task_model(art, head, cell.victim)(**batch.inputs)
+        diff = float((ref - out).abs().max())
+        scale = max(1.0, float(ref.abs().max()))
+        return {"claimed": True, "max_abs_diff": diff, "tolerance": PRESERVATION_TOLERANCE * scale,
+                "ok": diff <= PRESERVATION_TOLERANCE * scale}
+
+    def _merge_cell(self, cell: Cell) -> tuple[list[Metric], dict[str, Any], bool]:
+        assert cell.defense and cell.attack and cell.merge
+        suite = self.suite
+        expert = suite.expert(cell.victim)
+        partners = [suite.expert(t) for t in cell.partners]
+        art, meta, worked = self.protect(cell, expert)
+        victim_head = art.head if art.head is not None else expert.head
+        utility, w = self._evaluate(art, victim_head, cell.victim, merged=False, body_hash=meta["artifact_hash"])
+        worked |= w
+        timings: dict[str, float] = {"protect": meta["protect_seconds"]}
+        ctx = AttackContext(
+            suite=suite, victim=cell.victim, partners=cell.partners, base=suite.pretrained(), arch=suite.arch_map(),
+            family=suite.family(), artifact=art, partner_bodies=[p.body for p in partners], victim_head=victim_head,
+            merge_name=cell.merge.label, merge_params=cell.merge.spec()["params"],
+            defense_name=cell.defense.name if cell.attack.needs().knows_defense else None, seed=cell.seed,
+        )
+        # prepare -> merge -> finish; the merged weights' evaluation is cached by their hash
+        rss0 = peak_rss_mb()
+        t0 = time.time()
+        prepared = cell.attack.prepare(art, ctx)
+        timings["prepare"] = round(time.time() - t0, 3)
+        if prepared.variant is not None:
+            raise RuntimeError(f"attack {cell.attack_label} left a structure-changed artifact; it cannot be merged")
+        t0 = time.time()
+        mctx = MergeContext(suite=suite, tasks=(cell.victim, *cell.partners),
+                            heads=[victim_head, *[p.head for p in partners]], seed=cell.seed)
+        merged = cell.merge.method.merge(suite.pretrained(), [prepared.state, *[p.body for p in partners]],
+                                         cell.merge.params, ctx=mctx, seed=cell.seed)
+        timings["merge"] = round(time.time() - t0, 3)
+        t0 = time.time()
+        merged = cell.attack.finish(merged, ctx)
+        timings["finish"] = round(time.time() - t0, 3)
+        merged_hash = state_hash(merged)
+        worked = True
+        metrics = self._metrics("utility", cell.victim, utility)
+        t0 = time.time()
+        for task, head in zip((cell.victim, *cell.partners), mctx.heads):
+            values, _ = self._evaluate(merged, head, task, merged=True, body_hash=merged_hash)
+            metrics += self._metrics("merged", task, values)
+        timings["evaluate"] = round(time.time() - t0, 3)
+        prov = {
+            "hashes": {"pretrained": suite.pretrained_hash(), "expert": meta["expert_hash"],
+                       "partners": [state_hash(p.body) for p in partners], "artifact": meta["artifact_hash"],
+                       "prepared": state_hash(prepared.state), "merged": merged_hash},
+            "timings": timings,
+            "attack_cost": {"seconds": round(timings["prepare"] + timings["finish"], 3),
+                            "peak_rss_mb_delta": round(peak_rss_mb() - rss0, 1)},
+            "defense_notes": art.notes,
+            "flags": {"function_preservation": meta.get("function_preservation")},
+        }
+        return metrics, prov, worked
+
+
+# ---------------------------------------------------------------- driving a plan
+
+
+@dataclass
+class RunSummary:
+    total: int
+    skipped: int
+    ok: int = 0
+    na: int = 0
+    failed: int = 0
+    worked: int = 0
+    seconds: float = 0.0
+    records: list[CellRecord] = field(default_factory=list)
+
+
+def pending(cells: Iterable[Cell], store: Store) -> tuple[list[Cell], int]:
+    """Cells not yet in the store (hashing only: no model is loaded)."""
+    cells = list(cells)
+    done = store.done_cells(c.cell_id for c in cells)
+    todo, seen = [], set(done)
+    for c in cells:
+        if c.cell_id not in seen:
+            seen.add(c.cell_id)
+            todo.append(c)
+    return todo, len(cells) - len(todo)

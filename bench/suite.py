@@ -1,0 +1,153 @@
+"""Suites: a pretrained body, a list of tasks, and a recipe that fine-tunes one expert per task.
+
+A concrete suite implements the abstract methods; the base class owns expert caching: experts are
+built on first use (with a progress bar), stored as safetensors under the cache directory keyed by
+a hash of the suite's recipe, and rebuilt only when the recipe changes.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from bench.artifact import Artifact
+from bench.families.base import ArchitectureMap
+from bench.families.family import Family
+from bench.weights import StateDict, hash_json, load_state, save_state, state_hash
+
+Split = Literal["train", "test"]
+CACHE_ENV = "MERGEARENA_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """``$MERGEARENA_CACHE``, else ``$XDG_CACHE_HOME/mergearena``, else ``~/.cache/mergearena``."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "mergearena"
+
+
+class MissingAssetError(Exception):
+    """A data or model package the suite needs is not installed; the message says how to install it."""
+
+
+@dataclass(frozen=True)
+class Batch:
+    inputs: dict[str, torch.Tensor]
+    """Keyword arguments of the task model's forward (token ids and mask, or pixel values)."""
+    labels: torch.Tensor
+
+
+@dataclass
+class Expert:
+    """A fine-tuned body and its task head (the head is never merged)."""
+
+    body: StateDict
+    head: StateDict
+
+
+Regularizer = Callable[[nn.Module], torch.Tensor]
+"""Extra loss on the task model, added to the task loss during fine-tuning (MergeGuard's L2 term)."""
+
+
+class Suite(ABC):
+    """θ_pre, tasks and the fine-tuning recipe. Subclasses register in `bench.registry.suites`."""
+
+    name: str = ""
+    description: str = ""
+    primary_metric: str = "accuracy"
+    higher_is_better: bool = True
+
+    def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._experts: dict[str, Expert] = {}
+        self._pretrained: StateDict | None = None
+
+    # ------------------------------------------------------------ what a suite defines
+
+    @property
+    @abstractmethod
+    def tasks(self) -> tuple[str, ...]:
+        """Task names, in a fixed order."""
+
+    @abstractmethod
+    def family(self) -> Family:
+        """The architecture adapter of the body."""
+
+    @abstractmethod
+    def load_pretrained(self) -> StateDict:
+        """θ_pre's body (the merged part)."""
+
+    @abstractmethod
+    def recipe(self) -> dict[str, Any]:
+        """Everything that determines the experts (data split seeds, optimiser, steps, versions)."""
+
+    @abstractmethod
+    def batches(self, task: str, split: Split, *, batch_size: int = 32, limit: int | None = None,
+                shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+        """Batches of ``task``'s data; ``limit`` caps the number of samples, ``seed`` the order when shuffled."""
+
+    @abstractmethod
+    def task_model(self, body: StateDict | Artifact, head: StateDict, task: str) -> nn.Module:
+        """A module (eval mode) whose ``forward(**batch.inputs)`` returns logits; its ``.body`` is the body module."""
+
+    @abstractmethod
+    def finetune(self, task: str, body: StateDict, head: StateDict | None = None, *, seed: int = 0,
+                 regularizer: Regularizer | None = None, steps: int | None = None) -> Expert:
+        """Fine-tune ``body`` (and a fresh head when ``head`` is None) on ``task``'s training split."""
+
+    @abstractmethod
+    def evaluate(self, body: StateDict | Artifact, head: StateDict, task: str, *, merged: bool = False) -> dict[str, float]:
+        """Metrics of ``body`` with ``head`` on ``task``'s test split. ``merged`` marks a merged body
+        (suites whose models need a post-merge repair, as BatchNorm recalibration, apply it then)."""
+
+    # ------------------------------------------------------------ shared behaviour
+
+    def arch_map(self) -> ArchitectureMap:
+        return self.family().arch_map()
+
+    def pretrained(self) -> StateDict:
+        if self._pretrained is None:
+            self._pretrained = self.load_pretrained()
+        return self._pretrained
+
+    def pretrained_hash(self) -> str:
+        return state_hash(self.pretrained())
+
+    def recipe_hash(self) -> str:
+        return hash_json({"suite": self.name, "recipe": self.recipe()})[:16]
+
+    def expert_dir(self) -> Path:
+        return self.cache_dir / "experts" / self.name / self.recipe_hash()
+
+    def expert_cached(self, task: str) -> bool:
+        d = self.expert_dir()
+        return (d / f"{task}.body.safetensors").is_file() and (d / f"{task}.head.safetensors").is_file()
+
+    def expert(self, task: str) -> Expert:
+        """The expert for ``task``: from memory, from the cache, or fine-tuned now and cached."""
+        self.check_task(task)
+        if task in self._experts:
+            return self._experts[task]
+        d = self.expert_dir()
+        body_path, head_path = d / f"{task}.body.safetensors", d / f"{task}.head.safetensors"
+        if self.expert_cached(task):
+            expert = Expert(load_state(body_path), load_state(head_path))
+        else:
+            expert = self.finetune(task, self.pretrained(), seed=0)
+            meta = {"suite": self.name, "task": task, "recipe_hash": self.recipe_hash()}
+            save_state(expert.head, head_path, meta)
+            save_state(expert.body, body_path, meta)  # body last: its presence marks a complete expert
+        self._experts[task] = expert
+        return expert
+
+    def check_task(self, task: str) -> None:
+        if task not in self.tasks:
+            raise KeyError(f"suite {self.name!r} has no task {task!r}; tasks: {', '.join(self.tasks)}")

@@ -1,0 +1,1 @@
+"""Static leaderboard site builder and the schema of the published JSON."""

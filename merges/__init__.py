@@ -1,0 +1,1 @@
+"""Merge methods: one module per method family, each registered in `bench.builtins`."""

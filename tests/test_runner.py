@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from bench.artifact import Artifact
+from bench.executors.local import run_local
+from bench.plan import build_plan, parse_param_args
+from bench.plugins import AttackNeeds, Defense
+from bench.registry import defenses
+from bench.store import Store
+from conftest import subprocess_env
+
+
+def test_plan_includes_baselines_and_reference_cells(toy_suite) -> None:
+    plan = build_plan(toy_suite, defense="toy-scale", attack="none", merge="ta,wa")
+    kinds = [(c.kind, c.defense_label, c.merge_label) for c in plan.cells]
+    assert kinds.count(("baseline", "-", "-")) == 3
+    assert ("merge", "none", "ta") in kinds and ("merge", "toy-scale", "wa") in kinds
+    assert len({c.cell_id for c in plan.cells}) == len(plan.cells)
+
+
+def test_attack_over_budget_is_not_applicable(toy_suite) -> None:
+    from bench.plan import applicability, make_merge
+    from bench.plugins import Attack
+
+    class Greedy(Attack):
+        name = "greedy"
+
+        def needs(self) -> AttackNeeds:
+            return AttackNeeds(labelled=1000)
+
+    reason = applicability(defenses.get("none")(), Greedy(), make_merge("ta"), frozenset({"attention", "mlp"}),
+                           AttackNeeds(labelled=256))
+    assert "needs 1000 labelled" in reason
+
+
+def test_param_args_parse_plugin_key_values() -> None:
+    assert parse_param_args(["ta.lambda_=0.5", "params+dropout.p=0.1"]) == {"ta": {"lambda_": "0.5"}, "params+dropout": {"p": "0.1"}}
+    with pytest.raises(ValueError, match="PLUGIN.KEY=VALUE"):
+        parse_param_args(["lambda_=0.5"])
+
+
+def test_run_then_warm_rerun_does_no_model_work(toy_suite, tmp_path) -> None:
+    plan = build_plan(toy_suite, defense="toy-scale", merge="ta", victims=["t10"])
+    with Store(tmp_path / "r.sqlite") as store:
+        first = run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
+        assert first.ok == len(plan.cells) and first.failed == 0
+        again = run_local(toy_suite, store, plan.cells, run_id="b", log=lambda m: None)
+        assert again.skipped == len(plan.cells) and again.worked == 0 and not again.records
+        recs = {(r.defense, r.kind): r for r in store.cells()}
+    base = recs[("-", "baseline")]
+    assert base.value("expert") > base.value("pretrained")  # the expert learned its task
+    ref, prot = recs[("none", "merge")], recs[("toy-scale", "merge")]
+    assert ref.value("utility") == pytest.approx(base.value("expert"))
+    for r in (ref, prot):
+        assert r.provenance["hashes"]["merged"] and r.provenance["timings"]["merge"] >= 0
+        assert r.spec["merge"]["params"]["lambda_"] == pytest.approx(0.3)
+
+
+class Broken(Defense):
+    name = "broken-test"
+
+    def protect(self, expert, ctx):
+        raise RuntimeError("boom")
+
+
+class Liar(Defense):
+    """Claims function preservation but perturbs the weights."""
+
+    name = "liar-test"
+    function_preserving = True
+
+    def protect(self, expert, ctx):
+        return Artifact({k: v + 0.5 if v.is_floating_point() else v for k, v in expert.body.items()})
+
+
+def test_failing_plugin_fails_its_cell_not_the_run(toy_suite, tmp_path) -> None:
+    defenses.register("broken-test", obj=Broken) if "broken-test" not in defenses else None
+    plan = build_plan(toy_suite, defense="broken-test", merge="ta", victims=["t20"])
+    with Store(tmp_path / "r.sqlite") as store:
+        s = run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
+        failed = [r for r in store.cells() if r.status == "failed"]
+    assert s.failed == 1 and s.ok == len(plan.cells) - 1
+    assert failed[0].defense == "broken-test" and "boom" in failed[0].reason
+
+
+def test_false_function_preservation_claim_is_flagged(toy_suite, tmp_path) -> None:
+    defenses.register("liar-test", obj=Liar) if "liar-test" not in defenses else None
+    plan = build_plan(toy_suite, defense="liar-test", merge="ta", victims=["t10"])
+    with Store(tmp_path / "r.sqlite") as store:
+        run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
+        flags = {r.defense: r.provenance.get("flags", {}).get("function_preservation") for r in store.cells(kind="merge")}
+    assert flags["liar-test"]["ok"] is False and flags["liar-test"]["max_abs_diff"] > 0
+    assert flags["none"]["ok"] is True and flags["none"]["max_abs_diff"] == 0.0
+
+
+def test_killed_run_resumes_without_loss_or_duplicates(plugin_site, tmp_path) -> None:
+    env = subprocess_env(plugin_site, tmp_path / "cache")
+    store_path = tmp_path / "r.sqlite"
+    args = [sys.executable, "-m", "bench.cli", "run", "--suite", "toy", "--defense", "toy-scale", "--merge", "ta,wa,ties",
+            "--seeds", "0,1", "--store", str(store_path)]
+    # Build the experts first so the kill lands among the cells.
+    subprocess.run([sys.executable, "-m", "bench.cli", "suite", "build", "toy"], env=env, check=True, capture_output=True)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 300
+    count = 0
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.3)
+        if store_path.exists():
+            with Store(store_path) as s:
+                count = len(s.cells())
+            if count >= 5:
+                break
+    assert proc.poll() is None, "the run finished before it could be killed; make the matrix larger"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    with Store(store_path) as s:
+        before = {r.cell_id: r for r in s.cells()}
+    assert 5 <= len(before)
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    with Store(store_path) as s:
+        after = s.cells()
+        n_rows = s._conn.execute("SELECT COUNT(*) FROM cells").fetchone()[0]
+    ids = [r.cell_id for r in after]
+    assert len(ids) == len(set(ids)) == n_rows
+    assert set(before) <= set(ids)
+    expected = len(build_plan(__import__("toyplugin").ToySuite(), defense="toy-scale", merge="ta,wa,ties", seeds=[0, 1]).cells)
+    assert len(ids) == expected
+    # same numbers: cells finished before the kill agree with a fresh computation of the same cells
+    fresh_store = tmp_path / "fresh.sqlite"
+    subprocess.run(args[:-1] + [str(fresh_store)], env=env, check=True, capture_output=True, timeout=600)
+    with Store(fresh_store) as s:
+        fresh = {r.cell_id: r.metrics for r in s.cells()}
+    for cid, rec in before.items():
+        assert [(m.role, m.task, round(m.value, 6)) for m in rec.metrics] == [(m.role, m.task, round(m.value, 6)) for m in fresh[cid]]
+
+
+def test_cli_user_errors_are_one_line(plugin_site, tmp_path) -> None:
+    env = subprocess_env(plugin_site, tmp_path / "cache")
+    for argv, needle in ((["run", "--suite", "toy", "--defense", "parms"], "Did you mean 'params'"),
+                         (["run", "--suite", "toy", "--param", "ta.nope=1", "--merge", "ta"], "unknown parameter"),
+                         (["merge", "--method", "ta", "--base", str(tmp_path / "missing"), "--models", "x", "--out", str(tmp_path / "o")], "not found")):
+        out = subprocess.run([sys.executable, "-m", "bench.cli", *argv], env=env, capture_output=True, text=True)
+        assert out.returncode == 2, out.stderr
+        assert needle in out.stderr and "Traceback" not in out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1
+
+
+def test_bench_merge_writes_hand_checkable_safetensors(tmp_path) -> None:
+    from bench.checkpoint_io import merge_checkpoints
+    from bench.weights import load_state, save_state
+
+    base = {"w": torch.zeros(2, 2), "n": torch.tensor([3])}
+    a = {"w": torch.ones(2, 2), "n": torch.tensor([3])}
+    b = {"w": torch.full((2, 2), 3.0), "n": torch.tensor([3])}
+    for name, sd in (("base", base), ("a", a), ("b", b)):
+        save_state(sd, tmp_path / f"{name}.safetensors")
+    out = merge_checkpoints("ta", str(tmp_path / "base.safetensors"), [str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")],
+                            str(tmp_path / "m.safetensors"), {"lambda_": "0.5"})
+    merged = load_state(out)
+    assert torch.equal(merged["w"], torch.full((2, 2), 2.0))  # 0 + 0.5 * (1 + 3)
+    assert torch.equal(merged["n"], torch.tensor([3]))
+
+
+def test_sharded_output_has_an_index(tmp_path) -> None:
+    from bench.checkpoint_io import write_sharded
+    from bench.weights import open_checkpoint
+
+    tensors = [(f"t{i}", torch.full((256,), float(i))) for i in range(6)]
+    out = write_sharded(iter(tensors), tmp_path / "model", shard_bytes=2048)
+    assert (out / "model.safetensors.index.json").is_file()
+    loaded = open_checkpoint(out)
+    assert sorted(loaded) == sorted(n for n, _ in tensors)
+    assert torch.equal(loaded["t4"], torch.full((256,), 4.0))
