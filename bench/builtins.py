@@ -24,6 +24,16 @@ defenses.register_lazy("taylormlp", "defenses.taylormlp:TaylorMLP")
 
 # ---- attacks
 attacks.register_lazy("none", "attacks.none:NoAttack")
+attacks.register_lazy("realign", "attacks.realign:Realign")
+attacks.register_lazy("scale-division", "attacks.scale_division:ScaleDivision")
+attacks.register_lazy("anchor-align", "attacks.anchor_align:AnchorAlign")
+attacks.register_lazy("revert-to-base", "attacks.revert:RevertToBase")
+attacks.register_lazy("revert-attention", "attacks.revert:RevertAttention")
+attacks.register_lazy("revert-ffn", "attacks.revert:RevertFFN")
+attacks.register_lazy("taylor-invert", "attacks.taylor_invert:TaylorInvert")
+attacks.register_lazy("unmask", "attacks.unmask:Unmask")
+attacks.register_lazy("graderase", "attacks.graderase:GradErase")
+attacks.register_lazy("merge-finetune", "attacks.merge_finetune:MergeFinetune")
 
 # ---- merge methods
 merges.register_lazy("wa", "merges.basic:weight_average")
@@ -42,6 +52,9 @@ suites.register_lazy("vision-effnet", "tasks.vision_effnet:VisionEffNet")
 # ---- architecture families
 families.register_lazy("bert", "bench.families.bert:BertFamily")
 families.register_lazy("efficientnet", "bench.families.efficientnet:EfficientNetFamily")
+families.register_lazy("clip-vision", "bench.families.clip:ClipVisionFamily")
+families.register_lazy("llama", "bench.families.llama:LlamaFamily")
+families.register_lazy("open-clip-vit", "bench.families.open_clip:OpenClipVisionFamily")
 
 # ---- module variants (structure-changed releases)
 variants.register_lazy("taylor-ffn", "defenses.taylor:TAYLOR_FFN")

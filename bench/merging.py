@@ -54,7 +54,7 @@ class MergeMethod:
 
     def __reduce__(self) -> tuple:
         # Pickled by name (for worker processes): the registry gives back the same method.
-        return (merges.get, (self.name,))
+        return (merge_method_by_name, (self.name,))
 
     @property
     def doc(self) -> str:
@@ -102,6 +102,11 @@ class MergeMethod:
         if ctx is None and self.needs_data:
             raise ValueError(f"merge method {self.name!r} learns its coefficients on task data and needs a suite context")
         return self.fn(dict(base), [dict(e) for e in experts], ctx=ctx, **params_dict(params))
+
+
+def merge_method_by_name(name: str) -> MergeMethod:
+    """The registered merge method ``name`` (a module-level function, so pickles refer to it by name)."""
+    return merges.get(name)
 
 
 def merge_method(name: str, *, tensorwise: bool = True, version: str = "1", paper: str = "",

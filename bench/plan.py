@@ -15,7 +15,7 @@ from typing import Any, Literal
 from bench.merging import MergeMethod
 from bench.params import params_dict, parse_params
 from bench.plugins import DEFAULT_BUDGET, Attack, AttackNeeds, CompositeAttack, Defense
-from bench.registry import attacks, defenses, merges, suites
+from bench.registry import attacks, defenses, merges
 from bench.suite import Suite
 from bench.weights import hash_json
 
@@ -125,7 +125,8 @@ def make_attacks(name: str, params: Mapping[str, Mapping[str, str]] | None = Non
     """One attack, a '+'-composite, or every point of an attack's declared sweep."""
     params = params or {}
     if "+" in name:
-        steps = [make_attacks(part, params)[0] for part in name.split("+")]
+        # Steps of a composite run with their defaults (or --param values), not their sweeps.
+        steps = [attacks.get(part).from_overrides(_overrides(params, part)) for part in name.split("+")]
         return [CompositeAttack(steps)]
     cls = attacks.get(name)
     given = _overrides(params, name)
@@ -148,7 +149,8 @@ def standard_attacks() -> list[str]:
     names = list(attacks.names())
     for n in list(names):
         for composite in getattr(attacks.get(n), "standard_composites", ()) or ():
-            if composite not in names:
+            # a composite is standard only when every step is registered
+            if composite not in names and all(part in attacks for part in composite.split("+")):
                 names.append(composite)
     return names
 

@@ -17,7 +17,7 @@ import shutil
 import subprocess
 import time
 import traceback
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -99,6 +99,29 @@ class ArtifactCache:
         tmp.rename(d)  # a finished directory appears at once or not at all
 
 
+class StageCache:
+    """Evaluation results keyed by content hash, read from the store; writes either go straight to
+    the store (in the driver) or are collected and handed back (in workers, which never write)."""
+
+    def __init__(self, store: Store, collect: bool = False) -> None:
+        self.store = store
+        self.collect = collect
+        self.pending: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any | None:
+        return self.pending.get(key) if key in self.pending else self.store.get_stage(key)
+
+    def put(self, key: str, value: Any) -> None:
+        if self.collect:
+            self.pending[key] = value
+        else:
+            self.store.put_stage(key, value)
+
+    def drain(self) -> dict[str, Any]:
+        out, self.pending = self.pending, {}
+        return out
+
+
 @dataclass
 class CellOutcome:
     record: CellRecord
@@ -113,11 +136,12 @@ class Runner:
     suite: Suite
     store: Store
     run_id: str = ""
-    progress: Callable[[str], None] = field(default=lambda msg: None)
+    collect_stages: bool = False
+    """Workers set this: stage results are collected (`stages.drain()`) for the driver to write."""
 
     def __post_init__(self) -> None:
         self.artifacts = ArtifactCache(self.suite.cache_dir)
-        self._arch = None
+        self.stages = StageCache(self.store, collect=self.collect_stages)
 
     # ------------------------------------------------------------ evaluation with a cache
 
@@ -127,11 +151,11 @@ class Runner:
             body_hash = body.content_hash() if isinstance(body, Artifact) else state_hash(body)
         key = "eval:" + hash_json({"body": body_hash, "head": state_hash(head), "task": task, "merged": merged,
                                    "suite": self.suite.name, "recipe": self.suite.recipe_hash()})
-        cached = self.store.get_stage(key)
+        cached = self.stages.get(key)
         if cached is not None:
             return cached, False
         metrics = {k: float(v) for k, v in self.suite.evaluate(body, head, task, merged=merged).items()}
-        self.store.put_stage(key, metrics)
+        self.stages.put(key, metrics)
         return metrics, True
 
     def _metrics(self, role: str, task: str, values: dict[str, float]) -> list[Metric]:

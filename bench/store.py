@@ -112,8 +112,14 @@ class CellRecord:
 class Store:
     """SQLite results store; safe for concurrent writers (WAL, busy timeout, one transaction per cell)."""
 
-    def __init__(self, path: str | os.PathLike) -> None:
+    def __init__(self, path: str | os.PathLike, readonly: bool = False) -> None:
         self.path = Path(path)
+        self.readonly = readonly
+        if readonly:
+            # Workers read the stage cache and never write: the driver alone writes the store.
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=60.0, isolation_level=None)
+            self._conn.execute("PRAGMA busy_timeout=60000")
+            return
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(str(self.path), timeout=60.0, isolation_level=None)
         self._conn.execute("PRAGMA journal_mode=WAL")

@@ -108,6 +108,16 @@ class Suite(ABC):
         """Metrics of ``body`` with ``head`` on ``task``'s test split. ``merged`` marks a merged body
         (suites whose models need a post-merge repair, as BatchNorm recalibration, apply it then)."""
 
+    # ------------------------------------------------------------ training hooks (attacks and defenses that train)
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """Task loss of ``model`` on ``batch`` (cross-entropy on logits unless a suite says otherwise)."""
+        return nn.functional.cross_entropy(model(**batch.inputs), batch.labels)
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The optimiser of the suite's recipe, for fine-tuning done by attacks (AdamW 5e-5 unless overridden)."""
+        return torch.optim.AdamW(params, lr=5e-5)
+
     # ------------------------------------------------------------ shared behaviour
 
     def arch_map(self) -> ArchitectureMap:

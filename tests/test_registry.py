@@ -4,10 +4,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import subprocess_env
 
 from bench.params import ParamError
 from bench.registry import Registry, RegistryError, UnknownPluginError, defenses
-from conftest import subprocess_env
 
 
 def test_register_as_decorator_and_call() -> None:

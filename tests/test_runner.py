@@ -8,6 +8,7 @@ import time
 
 import pytest
 import torch
+from conftest import subprocess_env
 
 from bench.artifact import Artifact
 from bench.executors.local import run_local
@@ -15,7 +16,6 @@ from bench.plan import build_plan, parse_param_args
 from bench.plugins import AttackNeeds, Defense
 from bench.registry import defenses
 from bench.store import Store
-from conftest import subprocess_env
 
 
 def test_plan_includes_baselines_and_reference_cells(toy_suite) -> None:

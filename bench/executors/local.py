@@ -80,7 +80,10 @@ def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str,
             while futures:
                 finished, futures = wait(futures, return_when=FIRST_COMPLETED)
                 for f in finished:
-                    for rec, worked in f.result():
+                    results, stages = f.result()
+                    for key, value in stages.items():
+                        store.put_stage(key, value)
+                    for rec, worked in results:
                         record(rec, worked)
                         bar.update(1)
     bar.close()
@@ -98,13 +101,18 @@ def _init_worker(suite_name: str, cache_dir: str, store_path: str, run_id: str, 
     torch.set_num_threads(threads)
     os.environ["MERGEARENA_QUIET"] = "1"
     suite = suites.get(suite_name)(cache_dir=cache_dir)
-    _worker = Runner(suite, Store(store_path), run_id)
+    _worker = Runner(suite, Store(store_path, readonly=True), run_id, collect_stages=True)
 
 
-def _run_group(cells: list[Cell]) -> list[tuple[CellRecord, bool]]:
-    assert _worker is not None
+def run_group(runner: Runner, cells: Sequence[Cell]) -> tuple[list[tuple[CellRecord, bool]], dict]:
+    """Run a group of cells in a worker; returns the records and the stage results to store."""
     out = []
     for c in cells:
-        res = _worker.run_cell(c)
+        res = runner.run_cell(c)
         out.append((res.record, res.worked))
-    return out
+    return out, runner.stages.drain()
+
+
+def _run_group(cells: list[Cell]) -> tuple[list[tuple[CellRecord, bool]], dict]:
+    assert _worker is not None
+    return run_group(_worker, cells)

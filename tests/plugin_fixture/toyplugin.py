@@ -91,7 +91,7 @@ class ToySuite(Suite):
             if head is None:
                 head = {k: v.clone() for k, v in nn.Linear(32, 2).state_dict().items()}
             model = self.task_model(body, head, task).train()
-            opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+            opt = self.make_optimizer(model.parameters())
             n = steps if steps is not None else self.steps
             it = iter(())
             for step in range(n):
@@ -107,6 +107,9 @@ class ToySuite(Suite):
                 opt.step()
         return Expert({k: v.detach().clone() for k, v in model.body.state_dict().items()},
                       {k: v.detach().clone() for k, v in model.head.state_dict().items()})
+
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(params, lr=3e-3)
 
     def evaluate(self, body: StateDict | Artifact, head: StateDict, task: str, *, merged: bool = False) -> dict[str, float]:
         model = self.task_model(body, head, task)
@@ -135,3 +138,26 @@ class ToyScale(Defense):
         f = self.params.factor
         state = {k: (ctx.base[k] + f * (v - ctx.base[k])) if v.is_floating_point() else v for k, v in expert.body.items()}
         return Artifact(state=state, notes={"factor": f})
+
+
+@dataclass(frozen=True)
+class ToyCrashParams:
+    mode: str = "once"
+    """'once': kill the worker process the first time (a marker file remembers); 'always': every time."""
+
+
+@defenses.register("toy-crash")
+class ToyCrash(Defense):
+    """Toy defense that kills its worker process (tests that executors survive a dying worker)."""
+
+    name = "toy-crash"
+    Params = ToyCrashParams
+
+    def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
+        import os
+
+        marker = os.path.join(os.environ["TOY_CRASH_DIR"], f"{ctx.task}-{self.params.mode}")
+        if self.params.mode == "always" or not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return Artifact(state=dict(expert.body))

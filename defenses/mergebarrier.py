@@ -1,0 +1,335 @@
+"""MergeBarrier: orthogonal Q/K projection plus Taylor reparameterisation of the feed-forward blocks.
+
+Li et al., "Do Not Merge My Model! Safeguarding Open-Source LLMs Against Unauthorized Model
+Merging", AAAI 2026, arXiv 2511.10712 (§3, appendices B.1/B.2/B.5/B.6/C). No public code: the paper
+is the specification; the choices below fill its gaps.
+
+Attention (§3.2). For each kv group g (each head without GQA) one orthogonal ``P_g`` is applied to the
+group's query-head rows and its key-head rows of W_q, W_k (and their biases): ``q' = P q``,
+``k' = P k`` so ``q'ᵀk' = qᵀk`` (eq. 1, Theorem 1) and the attention output is unchanged. ``P`` maximises
+the displacement ``‖(P − I)W_q‖² + ‖(P − I)W_k‖²`` (Theorem 2) under the paper's relaxation "flip the
+top-k eigen-directions": ``P = I − 2UUᵀ`` with U the top-k eigenvectors of
+``M_g = Σ_h W_q,h W_q,hᵀ + W_k,g W_k,gᵀ`` (row form of the paper's ``W_qᵀW_q``), which gives
+``‖(P − I)W‖² = 4‖UᵀW‖²`` = 4 × the sum of the top-k eigenvalues.
+
+* k defaults to head_dim / 4 (the paper ablates k but reports no default).
+* Biases are part of the rows being displaced, so they enter ``M_g`` as one more column.
+* ``rsvd=true`` computes the top-k eigenvectors by the randomized SVD of appendix C (Halko et al.:
+  Gaussian sketch, power iterations, QR, small eigendecomposition), seeded from the run's seed.
+* RoPE: a generic reflection does not commute with the rotary rotations and changes the attention
+  scores. The orthogonal maps that commute with every rotation of a rotary plane are the 2-D
+  rotations of each plane; the one displacing most is the rotation by π, i.e. negating both dims of
+  the plane. So for RoPE models the ⌈k/2⌉ planes (pairs from `AttentionMap.rope_pairs`) with the most
+  energy (squared norm of their Q/K rows in the group, biases included) are flipped (2⌈k/2⌉ dims).
+* V and O are left untouched (the paper transforms only Q and K).
+
+FFN (§3.3, B.5/B.6): every MLP neuron is released as an order-N Taylor series of its activation around
+the midpoint of its pre-activations on the victim task's training data (see `defenses.taylor` for the
+release format and numerics). N defaults to 8. No neuron selection and no sign obfuscation (those are
+TaylorMLP's; ``expand_fraction < 1`` borrows TaylorMLP's selection as an extension, off by default).
+Measured consequence of expanding *all* neurons around the range midpoint: neurons whose calibration
+range is wide are approximated badly (all-MiniLM-L6-v2 on rt-sentiment reaches |Δ| ≈ 20, and at N = 8
+its six FFNs have relative errors from 1.6 to over 10³), and for SiLU and QuickGELU beyond the series'
+radius of convergence a larger N makes it worse. The artifact records the per-layer relative FFN error
+on calibration inputs so a utility loss can be traced to it. The paper's remainder/LWE and DP arguments
+are claims about security, not steps to run.
+
+Ablations (Table 4): ``mergebarrier-att`` (attention only; function-preserving) and
+``mergebarrier-ffn`` (FFN only).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from bench.artifact import Artifact
+from bench.families.base import ATTENTION, MLP, AttentionMap, LayerMap, get_qkv, set_qkv
+from bench.plugins import Defense, DefenseContext
+from bench.registry import defenses
+from bench.suite import Expert
+from bench.weights import StateDict
+from defenses.taylor import (
+    VARIANT,
+    calibrate_expert,
+    check_expandable,
+    expand_mlp,
+    measure_relative_error,
+    replace_mlp,
+    select_neurons,
+)
+
+PAPER = "Li et al., Do Not Merge My Model! Safeguarding Open-Source LLMs Against Unauthorized Model Merging, AAAI 2026, arXiv:2511.10712"
+
+
+# ---------------------------------------------------------------- params
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    k: int | None = None
+    """Directions flipped per head (per kv group); None: head_dim // 4. Under RoPE, ⌈k/2⌉ whole planes."""
+    rsvd: bool = False
+    """Top-k eigenvectors by randomized SVD (appendix C) instead of an exact eigendecomposition."""
+    rsvd_oversample: int = 8
+    rsvd_power_iters: int = 2
+
+
+@dataclass(frozen=True)
+class FFNParams:
+    order: int = 8
+    """Taylor order N."""
+    calibration_samples: int = 256
+    """Victim-task training examples whose pre-activations fix the expansion points."""
+    batch_size: int = 32
+    expand_fraction: float = 1.0
+    """Fraction of each MLP's neurons released as a series (1.0: all, as the paper). Below 1, the
+    smallest-range neurons are expanded and the rest released exact (TaylorMLP's rule; an extension)."""
+
+
+@dataclass(frozen=True)
+class MergeBarrierParams(FFNParams, AttentionParams):
+    """Attention projection and FFN reparameterisation together."""
+
+
+# ---------------------------------------------------------------- attention projection
+
+
+@dataclass(frozen=True)
+class GroupProjection:
+    """The orthogonal map of one kv group and what it flipped."""
+
+    layer: int
+    group: int
+    matrix: torch.Tensor
+    """P [head_dim, head_dim], float64."""
+    flipped: int
+    """Number of directions with eigenvalue −1."""
+    displacement: float
+    """‖(P − I)W‖² over the group's Q/K rows (biases included)."""
+    energy: float
+    """‖W‖² over the same rows (so displacement / energy ≤ 4)."""
+
+
+def _group_rows(att: AttentionMap, group: int) -> tuple[list[slice], slice]:
+    """Row slices of the query heads of kv group ``group``, and of its key head."""
+    hd, gs = att.head_dim, att.group_size
+    q_rows = [slice(h * hd, (h + 1) * hd) for h in range(group * gs, (group + 1) * gs)]
+    return q_rows, slice(group * hd, (group + 1) * hd)
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _with_bias(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """[rows, in(+1)]: the weight rows with the bias as one more column."""
+    return w if b is None else torch.cat([w, b.unsqueeze(1)], dim=1)
+
+
+def top_eigenvectors(m: torch.Tensor, k: int, *, generator: torch.Generator | None = None,
+                     oversample: int = 8, power_iters: int = 2) -> torch.Tensor:
+    """[n, k] orthonormal top-k eigenvectors of the symmetric PSD ``m``: exact, or by randomized SVD
+    (appendix C) when a ``generator`` is given."""
+    n = m.shape[0]
+    if generator is None or k + oversample >= n:
+        _, vecs = torch.linalg.eigh(m)  # ascending eigenvalues
+        return vecs[:, -k:].flip(1) if k else vecs[:, :0]
+    omega = torch.randn(n, k + oversample, generator=generator, dtype=torch.float64)
+    y = m @ omega
+    for _ in range(power_iters):  # power iterations sharpen the captured range
+        y = m @ torch.linalg.qr(y).Q
+    q = torch.linalg.qr(y).Q
+    _, small = torch.linalg.eigh(q.T @ m @ q)
+    return (q @ small)[:, -k:].flip(1)
+
+
+def reflection(blocks: list[torch.Tensor], k: int, *, generator: torch.Generator | None = None,
+               oversample: int = 8, power_iters: int = 2) -> torch.Tensor:
+    """P = I − 2UUᵀ flipping the top-k eigen-directions of Σ B Bᵀ over the [head_dim, ·] row blocks."""
+    m = sum(b @ b.T for b in blocks)
+    u = top_eigenvectors(m, k, generator=generator, oversample=oversample, power_iters=power_iters)
+    return torch.eye(m.shape[0], dtype=torch.float64) - 2 * u @ u.T
+
+
+def plane_flip(blocks: list[torch.Tensor], pairs: list[tuple[int, int]], planes: int) -> torch.Tensor:
+    """Diagonal P negating both dims of the ``planes`` rotary planes with the most row energy (commutes with RoPE)."""
+    energy = sum(b.pow(2).sum(1) for b in blocks)
+    plane_energy = torch.stack([energy[i] + energy[j] for i, j in pairs])
+    # stable sort: ties broken by plane index, so the choice is deterministic
+    order = torch.sort(-plane_energy, stable=True).indices[:planes]
+    diag = torch.ones(energy.shape[0], dtype=torch.float64)
+    for p in order.tolist():
+        i, j = pairs[p]
+        diag[i] = diag[j] = -1.0
+    return torch.diag(diag)
+
+
+def flipped_directions(head_dim: int, k: int | None) -> int:
+    k = head_dim // 4 if k is None else k
+    if not 1 <= k <= head_dim:
+        raise ValueError(f"MergeBarrier k must be between 1 and head_dim={head_dim}; got k={k}")
+    return k
+
+
+def project_attention(
+    state: StateDict,
+    layer: LayerMap,
+    k: int | None = None,
+    *,
+    rope_aware: bool = True,
+    generator: torch.Generator | None = None,
+    oversample: int = 8,
+    power_iters: int = 2,
+) -> list[GroupProjection]:
+    """Apply MergeBarrier's per-kv-group orthogonal P to ``layer``'s Q/K rows in ``state`` (in place).
+
+    ``rope_aware=False`` applies the generic reflection even under RoPE (which breaks the function;
+    kept to show why the plane rule is needed). ``generator`` switches to randomized SVD.
+    """
+    att = layer.attention
+    assert att is not None
+    kk = flipped_directions(att.head_dim, k)
+    q, kw, v, (bq, bk, bv) = get_qkv(state, att)
+    dtype = q.dtype
+    q, kw = q.double().clone(), kw.double().clone()
+    bq = None if bq is None else bq.double().clone()
+    bk = None if bk is None else bk.double().clone()
+    pairs = att.rope_pairs() if rope_aware else []
+    out = []
+    for g in range(att.num_kv_heads):
+        q_rows, k_rows = _group_rows(att, g)
+        blocks = [_with_bias(q[r], None if bq is None else bq[r]) for r in q_rows]
+        blocks.append(_with_bias(kw[k_rows], None if bk is None else bk[k_rows]))
+        if pairs:
+            p = plane_flip(blocks, pairs, math.ceil(kk / 2))
+        else:
+            p = reflection(blocks, kk, generator=generator, oversample=oversample, power_iters=power_iters)
+        for r in q_rows:
+            q[r] = p @ q[r]
+            if bq is not None:
+                bq[r] = p @ bq[r]
+        kw[k_rows] = p @ kw[k_rows]
+        if bk is not None:
+            bk[k_rows] = p @ bk[k_rows]
+        eye = torch.eye(p.shape[0], dtype=torch.float64)
+        out.append(GroupProjection(
+            layer=layer.index,
+            group=g,
+            matrix=p,
+            flipped=int(round((p.shape[0] - torch.trace(p).item()) / 2)),
+            displacement=float(sum(((p - eye) @ b).pow(2).sum() for b in blocks)),
+            energy=float(sum(b.pow(2).sum() for b in blocks)),
+        ))
+    set_qkv(state, att, q.to(dtype), kw.to(dtype), v, (_cast(bq, dtype), _cast(bk, dtype), bv))
+    return out
+
+
+def protect_attention(state: StateDict, ctx: DefenseContext, params: AttentionParams, salt: str) -> dict[str, object]:
+    """`project_attention` on every attention layer; returns the notes to record."""
+    layers = ctx.arch.attention_layers()
+    if not layers:
+        raise ValueError(f"{ctx.arch.family} has no attention layers for MergeBarrier's Q/K projection")
+    projections = []
+    for lay in layers:
+        gen = ctx.generator(salt, "rsvd", lay.index) if params.rsvd else None
+        projections += project_attention(state, lay, params.k, generator=gen,
+                                         oversample=params.rsvd_oversample, power_iters=params.rsvd_power_iters)
+    return {
+        "attention_layers": len(layers),
+        "flipped_per_group": sorted({p.flipped for p in projections}),
+        "rope_planes": bool(layers[0].attention.rope),
+        "qk_relative_displacement": sum(p.displacement for p in projections) / max(sum(p.energy for p in projections), 1e-30),
+    }
+
+
+# ---------------------------------------------------------------- FFN reparameterisation
+
+
+def protect_ffn(expert: Expert, state: StateDict, ctx: DefenseContext, params: FFNParams) -> dict[str, object]:
+    """Replace every MLP of ``state`` by its Taylor release around the calibration midpoints."""
+    layers = check_expandable(ctx.arch)
+    if params.order < 0:
+        raise ValueError(f"MergeBarrier order must be >= 0; got order={params.order}")
+    if not 0.0 < params.expand_fraction <= 1.0:
+        raise ValueError(f"MergeBarrier expand_fraction must be in (0, 1]; got {params.expand_fraction}")
+    calib = calibrate_expert(expert, ctx, layers, params.calibration_samples, params.batch_size)
+    errors = {}
+    for lay in layers:
+        c = calib[lay.index]
+        selected = None
+        if params.expand_fraction < 1.0:
+            width = c.stats.spread.numel()
+            selected, _ = select_neurons(c.stats.spread, max(1, round(params.expand_fraction * width)), max_gap=0.0)
+        release = expand_mlp(expert.body, lay.mlp, c.stats.midpoint, params.order, selected=selected)
+        errors[str(lay.index)] = measure_relative_error(expert.body, release, lay.mlp, c.inputs)
+        replace_mlp(state, lay, release)
+    return {
+        "ffn_layers": len(layers),
+        "order": params.order,
+        "calibration_tokens": calib[layers[0].index].stats.count,
+        "ffn_relative_error": errors,  # per layer, on calibration inputs
+        "max_preactivation_radius": max(float(calib[lay.index].stats.spread.max()) / 2 for lay in layers),
+    }
+
+
+# ---------------------------------------------------------------- the plugins
+
+
+class _MergeBarrierBase(Defense):
+    paper = PAPER
+    code = ""
+
+    def _protect(self, expert: Expert, ctx: DefenseContext, attention: bool, ffn: bool) -> Artifact:
+        start = time.perf_counter()
+        state = dict(expert.body)
+        notes: dict[str, object] = {}
+        if attention:
+            notes.update(protect_attention(state, ctx, self.params, self.name))
+        if ffn:
+            notes.update(protect_ffn(expert, state, ctx, self.params))
+        notes["protect_seconds"] = time.perf_counter() - start
+        return Artifact(state=state, variant=VARIANT if ffn else None, notes=notes)
+
+
+@defenses.register("mergebarrier")
+class MergeBarrier(_MergeBarrierBase):
+    """MergeBarrier: per-head orthogonal Q/K projection (exact) + Taylor-reparameterised FFNs (approximate)."""
+
+    name = "mergebarrier"
+    Params = MergeBarrierParams
+    applies_to = frozenset({ATTENTION, MLP})
+    changes_structure = True
+
+    def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
+        return self._protect(expert, ctx, attention=True, ffn=True)
+
+
+@defenses.register("mergebarrier-att")
+class MergeBarrierAttention(_MergeBarrierBase):
+    """MergeBarrier's attention projection alone (ablation MergeBarrier_Att, Table 4): function-preserving."""
+
+    name = "mergebarrier-att"
+    Params = AttentionParams
+    applies_to = frozenset({ATTENTION})
+    function_preserving = True
+
+    def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
+        return self._protect(expert, ctx, attention=True, ffn=False)
+
+
+@defenses.register("mergebarrier-ffn")
+class MergeBarrierFFN(_MergeBarrierBase):
+    """MergeBarrier's FFN Taylor reparameterisation alone (ablation MergeBarrier_FFN, Table 4)."""
+
+    name = "mergebarrier-ffn"
+    Params = FFNParams
+    applies_to = frozenset({MLP})
+    changes_structure = True
+
+    def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
+        return self._protect(expert, ctx, attention=False, ffn=True)
+

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+import torch
+
+from attacks.graderase import GradErase, project_out
+from attacks.merge_finetune import MergeFinetune
+from attacks.unmask import Unmask
+from bench.artifact import Artifact
+from bench.plan import make_attacks
+from bench.plugins import AttackContext
+
+
+def _ctx(suite, artifact: Artifact, merge_name: str = "ta", merge_params=None) -> AttackContext:
+    expert = suite.expert("t10")
+    return AttackContext(suite=suite, victim="t10", partners=("t20",), base=suite.pretrained(), arch=suite.arch_map(),
+                         family=suite.family(), artifact=artifact, partner_bodies=[suite.expert("t20").body],
+                         victim_head=expert.head, merge_name=merge_name, merge_params=merge_params or {}, seed=0)
+
+
+def test_unmask_subtracts_the_scaled_task_vector_by_hand() -> None:
+    base = {"w": torch.tensor([1.0, 2.0]), "n": torch.tensor([7])}
+    released = {"w": torch.tensor([3.0, -2.0]), "n": torch.tensor([7])}
+    merged = {"w": torch.tensor([10.0, 10.0]), "n": torch.tensor([7])}
+    ctx = AttackContext(suite=None, victim="v", partners=("p",), base=base, arch=None, family=None,
+                        artifact=Artifact(released), merge_name="ta", merge_params={"lambda_": 0.5})
+    out = Unmask().finish(merged, ctx)
+    # 10 - 0.5 * (3 - 1) = 9 ; 10 - 0.5 * (-2 - 2) = 12
+    assert torch.equal(out["w"], torch.tensor([9.0, 12.0])) and torch.equal(out["n"], torch.tensor([7]))
+    ctx_wa = AttackContext(suite=None, victim="v", partners=("p",), base=base, arch=None, family=None,
+                           artifact=Artifact(released), merge_name="wa")
+    assert torch.allclose(Unmask().finish(merged, ctx_wa)["w"], torch.tensor([9.0, 12.0]))  # λ = 1/2 for 2 models
+    assert torch.allclose(Unmask.from_overrides({"lambda_": "1"}).finish(merged, ctx)["w"], torch.tensor([8.0, 14.0]))
+
+
+def test_unmask_on_task_arithmetic_of_one_model_returns_the_base() -> None:
+    base = {"w": torch.randn(5)}
+    released = {"w": torch.randn(5)}
+    merged = {"w": base["w"] + 0.3 * (released["w"] - base["w"])}
+    ctx = AttackContext(suite=None, victim="v", partners=(), base=base, arch=None, family=None,
+                        artifact=Artifact(released), merge_name="ta", merge_params={"lambda_": 0.3})
+    assert torch.allclose(Unmask().finish(merged, ctx)["w"], base["w"], atol=1e-6)
+
+
+def test_projection_removes_the_component_along_v_exactly() -> None:
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(4, 3, generator=g), torch.randn(7, generator=g)]
+    v = [torch.randn(4, 3, generator=g), torch.randn(7, generator=g)]
+    before = [x.clone() for x in grads]
+    project_out(grads, v)
+    dot = sum((a * b).sum() for a, b in zip(grads, v))
+    assert abs(float(dot)) < 1e-5
+    # only the component along v was removed: the difference is parallel to v
+    diff = torch.cat([(b - a).flatten() for a, b in zip(grads, before)])
+    vv = torch.cat([x.flatten() for x in v])
+    cos = torch.nn.functional.cosine_similarity(diff, vv, dim=0)
+    assert abs(abs(float(cos)) - 1) < 1e-5
+
+
+def test_graderase_update_follows_projected_gradients(toy_suite, monkeypatch) -> None:
+    """Every gradient the optimiser sees is orthogonal to the estimated v."""
+    seen: list[float] = []
+    import attacks.graderase as ge
+
+    real = ge.project_out
+
+    def spy(grads, direction):
+        real(grads, direction)
+        seen.append(float(sum((a.double() * b.double()).sum() for a, b in zip(grads, direction))))
+
+    monkeypatch.setattr(ge, "project_out", spy)
+    expert = toy_suite.expert("t10")
+    attack = GradErase.from_overrides({"samples": "32", "estimate_steps": "2", "steps": "3", "batch_size": "16"})
+    out = attack.finish(dict(expert.body), _ctx(toy_suite, Artifact(dict(expert.body))))
+    assert len(seen) == 3 and max(abs(s) for s in seen) < 1e-4
+    assert set(out) == set(expert.body)
+    assert any(not torch.equal(out[k], expert.body[k]) for k in out if out[k].is_floating_point())
+
+
+def test_merge_finetune_uses_exactly_its_sample_budget(toy_suite, monkeypatch) -> None:
+    seen: set[tuple[int, ...]] = set()
+    real = toy_suite.batches
+
+    def spy(task, split, **kw):
+        for b in real(task, split, **kw):
+            seen.update(tuple(row.tolist()) for row in b.inputs["input_ids"])
+            yield b
+
+    monkeypatch.setattr(toy_suite, "batches", spy)
+    expert = toy_suite.expert("t10")
+    attack = MergeFinetune.from_overrides({"samples": "16", "steps": "5", "batch_size": "8"})
+    attack.finish(dict(expert.body), _ctx(toy_suite, Artifact(dict(expert.body))))
+    assert len(seen) == 16
+    assert attack.needs().labelled == 16 and attack.needs().finetune_steps == 5
+
+
+def test_merge_finetune_sweeps_its_budgets_and_composites_use_defaults(plugin_site) -> None:
+    points = make_attacks("merge-finetune")
+    assert [a.label for a in points] == [f"merge-finetune[samples={k}]" for k in (16, 64, 256)]
+    assert [a.params.samples for a in points] == [16, 64, 256]
+    (comp,) = make_attacks("unmask+merge-finetune")
+    assert comp.name == "unmask+merge-finetune" and comp.steps[1].params.samples == 64
+    assert comp.needs().labelled == 64 and comp.needs().knows_defense
+
+
+def test_merge_finetune_recovers_accuracy_on_a_damaged_merge(toy_suite) -> None:
+    expert = toy_suite.expert("t10")
+    damaged = {k: (toy_suite.pretrained()[k] if v.is_floating_point() else v) for k, v in expert.body.items()}
+    before = toy_suite.evaluate(damaged, expert.head, "t10")["accuracy"]
+    attack = MergeFinetune.from_overrides({"samples": "256", "steps": "40", "batch_size": "32"})
+    out = attack.finish(damaged, _ctx(toy_suite, Artifact(dict(expert.body))))
+    after = toy_suite.evaluate(out, expert.head, "t10")["accuracy"]
+    assert after > before + 0.1, (before, after)

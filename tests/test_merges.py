@@ -1,0 +1,448 @@
+"""Merge methods: hand-computed results on tiny tensors, DARE randomness, AdaMerging on a fake suite."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import pytest
+import torch
+from torch import nn
+
+from bench.families.base import ArchitectureMap, LayerMap
+from bench.families.family import Family
+from bench.merging import MergeContext
+from bench.params import ParamError
+from bench.plugins import seeded_generator
+from bench.registry import merges
+from bench.suite import Batch, Expert, Suite
+from bench.weights import CheckpointError, StateDict
+from merges.adamerging import coefficient_groups, learn_coefficients, prediction_entropy
+from merges.dare import drop_and_rescale
+
+T = torch.tensor
+TENSORWISE = ["wa", "ta", "ties", "dare-ta", "dare-ties"]
+
+
+def merge(name: str, base: StateDict, experts: list[StateDict], seed: int = 0, **params: object) -> StateDict:
+    method = merges.get(name)
+    return method.merge(base, experts, method.parse(params), seed=seed)
+
+
+def with_task_vectors(base: torch.Tensor, taus: list[list[float]]) -> list[torch.Tensor]:
+    return [base + T(tau) for tau in taus]
+
+
+# ---------------------------------------------------------------- registry and params
+
+
+def test_every_method_is_registered_under_its_name():
+    for name in TENSORWISE + ["ties-global", "adamerging-task", "adamerging-layer"]:
+        assert merges.get(name).name == name
+
+
+def test_params_parse_from_strings():
+    assert merges.get("ta").parse({"lambda_": "0.5"}).lambda_ == 0.5
+    p = merges.get("dare-ties").parse({"p": "0.25", "k": "0.5", "aggregate": "sum", "rescale": "false"})
+    assert (p.p, p.k, p.aggregate, p.rescale) == (0.25, 0.5, "sum", False)
+    assert merges.get("adamerging-layer").parse({"steps": "7", "granularity": "block"}).steps == 7
+
+
+def test_params_reject_bad_values_with_param_error():
+    with pytest.raises(ParamError, match="lambda_"):
+        merges.get("ta").parse({"lambda_": "abc"})
+    with pytest.raises(ParamError, match="aggregate"):
+        merges.get("ties").parse({"aggregate": "median"})
+    with pytest.raises(ParamError, match="unknown"):
+        merges.get("ties").parse({"density": "0.2"})
+
+
+def test_out_of_range_fractions_raise_param_error():
+    base = {"w": torch.zeros(4)}
+    experts = [{"w": torch.ones(4)}]
+    with pytest.raises(ParamError, match="k "):
+        merge("ties", base, experts, k=0.0)
+    with pytest.raises(ParamError, match="p "):
+        merge("dare-ta", base, experts, p=1.0)
+
+
+def test_parsed_lambda_reaches_the_merge():
+    base = {"w": T([1.0, 2.0])}
+    experts = [{"w": T([3.0, 2.0])}]
+    assert torch.equal(merge("ta", base, experts, lambda_="0.5")["w"], T([2.0, 2.0]))
+
+
+# ---------------------------------------------------------------- WA and TA
+
+
+def test_weight_average_is_the_mean_of_experts_and_ignores_the_base():
+    base = {"w": T([100.0, -100.0, 7.0])}
+    experts = [{"w": T([2.0, 2.0, 0.0])}, {"w": T([0.0, 4.0, -1.0])}, {"w": T([1.0, 0.0, 4.0])}]
+    assert torch.allclose(merge("wa", base, experts)["w"], T([1.0, 2.0, 1.0]))
+
+
+def test_task_arithmetic_adds_scaled_sum_of_task_vectors():
+    # τ1 = [1, 0, 1], τ2 = [-1, 2, 0]; Σ = [0, 2, 1]; θ = [1, 2, -1] + 0.5 Σ.
+    base = {"w": T([1.0, 2.0, -1.0])}
+    experts = [{"w": T([2.0, 2.0, 0.0])}, {"w": T([0.0, 4.0, -1.0])}]
+    assert torch.allclose(merge("ta", base, experts, lambda_=0.5)["w"], T([1.0, 3.0, -0.5]))
+
+
+def test_task_arithmetic_default_lambda_is_point_three():
+    base = {"w": T([0.0])}
+    experts = [{"w": T([1.0])}, {"w": T([2.0])}]
+    assert torch.allclose(merge("ta", base, experts)["w"], T([0.9]))
+
+
+# ---------------------------------------------------------------- TIES
+
+# Three task vectors of 4 entries, k = 0.5 keeps the 2 largest magnitudes of each:
+#   τ1 = [ 3, -1, 0.5, -2] -> [ 3,  0, 0, -2]
+#   τ2 = [-1,  2, 4,   -3] -> [ 0,  0, 4, -3]
+#   τ3 = [-4, -3, 1, 0.2]  -> [-4, -3, 0,  0]
+# Σ trimmed = [-1, -3, 4, -5] -> elected signs [-, -, +, -]
+# agreeing: e0 {-4}, e1 {-3}, e2 {4}, e3 {-2, -3}
+TIES_TAUS = [[3.0, -1.0, 0.5, -2.0], [-1.0, 2.0, 4.0, -3.0], [-4.0, -3.0, 1.0, 0.2]]
+TIES_BASE = T([1.0, 1.0, 1.0, 1.0])
+
+
+@pytest.mark.parametrize(("aggregate", "merged_tau"), [
+    ("mean", [-4.0, -3.0, 4.0, -2.5]),
+    ("sum", [-4.0, -3.0, 4.0, -5.0]),
+    ("max", [-4.0, -3.0, 4.0, -3.0]),
+])
+def test_ties_trims_elects_sign_and_merges_disjointly(aggregate, merged_tau):
+    experts = [{"w": e} for e in with_task_vectors(TIES_BASE, TIES_TAUS)]
+    out = merge("ties", {"w": TIES_BASE}, experts, k=0.5, lambda_=1.0, aggregate=aggregate)["w"]
+    assert torch.allclose(out, TIES_BASE + T(merged_tau))
+
+
+def test_ties_scales_the_merged_task_vector_by_lambda():
+    experts = [{"w": e} for e in with_task_vectors(TIES_BASE, TIES_TAUS)]
+    out = merge("ties", {"w": TIES_BASE}, experts, k=0.5, lambda_=0.5)["w"]
+    assert torch.allclose(out, TIES_BASE + 0.5 * T([-4.0, -3.0, 4.0, -2.5]))
+
+
+def test_ties_zero_sum_entry_takes_the_majority_sign():
+    # k = 1 keeps everything. Entry 0 sums to 0; the elected signs of entries 1, 2 are +, so entry 0
+    # takes + and keeps only the +2: mean 2. Entry 2: mean(1, 3) = 2.
+    base = torch.zeros(3)
+    experts = [{"w": e} for e in with_task_vectors(base, [[2.0, 1.0, 1.0], [-2.0, 1.0, 3.0]])]
+    assert torch.allclose(merge("ties", {"w": base}, experts, k=1.0)["w"], T([2.0, 1.0, 2.0]))
+
+
+def test_ties_default_keeps_top_twenty_percent_per_tensor():
+    # One expert, 10 entries: top 20 % = the two largest magnitudes survive.
+    base = torch.zeros(10)
+    tau = T([0.1, -9.0, 0.3, 0.2, 8.0, -0.5, 0.4, 0.6, -0.7, 0.05])
+    out = merge("ties", {"w": base}, [{"w": tau}])["w"]
+    assert torch.equal(out, T([0.0, -9.0, 0.0, 0.0, 8.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+
+
+def test_ties_global_trims_over_the_whole_model():
+    # One expert, k = 0.5 of 4 entries: the global top-2 are both in tensor "a"; per tensor, "b" keeps its 0.2.
+    base = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    expert = {"a": T([10.0, 9.0]), "b": T([0.1, 0.2])}
+    per_tensor = merge("ties", base, [expert], k=0.5)
+    whole = merges.get("ties-global").merge(base, [expert], merges.get("ties-global").parse({"k": "0.5"}))
+    assert torch.equal(per_tensor["a"], T([10.0, 0.0])) and torch.equal(per_tensor["b"], T([0.0, 0.2]))
+    assert torch.equal(whole["a"], T([10.0, 9.0])) and torch.equal(whole["b"], T([0.0, 0.0]))
+
+
+def test_ties_global_zero_sign_majority_spans_tensors():
+    # Tensor "a" sums to 0: per tensor there is no majority and, as in the original, the negative entry
+    # is the one kept (-2); over the whole model the majority is + (tensor "b"), so +2 is kept.
+    base = {"a": torch.zeros(1), "b": torch.zeros(3)}
+    experts = [{"a": T([2.0]), "b": T([1.0, 1.0, 1.0])}, {"a": T([-2.0]), "b": T([1.0, 1.0, 1.0])}]
+    assert torch.equal(merge("ties", base, experts, k=1.0)["a"], T([-2.0]))
+    method = merges.get("ties-global")
+    assert torch.equal(method.merge(base, experts, method.parse({"k": "1.0"}))["a"], T([2.0]))
+
+
+# ---------------------------------------------------------------- DARE
+
+
+def expected_dare_masks(seed: int, method: str, key: str, shape: tuple[int, ...], n: int, p: float) -> list[torch.Tensor]:
+    g = seeded_generator(seed, method, key)
+    return [torch.rand(shape, generator=g) >= p for _ in range(n)]
+
+
+def test_dare_ta_drops_with_the_per_tensor_generator_and_rescales():
+    torch.manual_seed(0)
+    base = torch.randn(6, 5)
+    taus = [torch.randn(6, 5), torch.randn(6, 5)]
+    experts = [{"w": base + t} for t in taus]
+    out = merge("dare-ta", {"w": base}, experts, seed=3, p=0.5, lambda_=0.7)["w"]
+    masks = expected_dare_masks(3, "dare-ta", "w", (6, 5), 2, 0.5)
+    expected = base + 0.7 * sum(t * m / 0.5 for t, m in zip(taus, masks))
+    assert torch.allclose(out, expected, atol=1e-6)
+    assert 0 < int(masks[0].sum()) < 30  # the masks really drop something
+
+
+def test_dare_rescales_survivors_exactly():
+    tau = torch.full((200,), 1.5)
+    out = drop_and_rescale(tau, 0.75, torch.Generator().manual_seed(1))
+    survivors = out[out != 0]
+    assert survivors.numel() > 0
+    assert torch.equal(survivors, torch.full_like(survivors, 6.0))  # 1.5 / (1 - 0.75)
+
+
+def test_dare_without_rescale_only_drops():
+    tau = torch.full((200,), 1.5)
+    out = drop_and_rescale(tau, 0.75, torch.Generator().manual_seed(1), rescale=False)
+    assert set(out.unique().tolist()) == {0.0, 1.5}
+
+
+def test_dare_is_unbiased_over_many_entries():
+    # E[DARE(τ)] = τ: over 20000 iid entries the mean is τ ± 0.1 (std of the mean 0.021 for p = 0.9).
+    base = torch.zeros(20000)
+    out = merge("dare-ta", {"w": base}, [{"w": torch.ones(20000)}], seed=5, p=0.9, lambda_=1.0)["w"]
+    assert abs(float(out.mean()) - 1.0) < 0.1
+    assert abs(float((out != 0).float().mean()) - 0.1) < 0.02
+
+
+def test_dare_depends_on_seed_not_on_tensor_order():
+    torch.manual_seed(1)
+    base = {"a": torch.zeros(50), "b": torch.zeros(50)}
+    expert = {"a": torch.randn(50), "b": torch.randn(50)}
+    forward = merge("dare-ta", base, [expert], seed=0)
+    reverse = merge("dare-ta", {"b": base["b"], "a": base["a"]}, [{"b": expert["b"], "a": expert["a"]}], seed=0)
+    other = merge("dare-ta", base, [expert], seed=1)
+    assert all(torch.equal(forward[k], reverse[k]) for k in base)
+    assert not torch.equal(forward["a"], other["a"])
+
+
+def test_dare_ties_is_ties_of_the_sparsified_experts():
+    torch.manual_seed(2)
+    base = torch.randn(8)
+    taus = [torch.randn(8) for _ in range(3)]
+    experts = [{"w": base + t} for t in taus]
+    out = merge("dare-ties", {"w": base}, experts, seed=4, p=0.5, k=0.5)["w"]
+    masks = expected_dare_masks(4, "dare-ties", "w", (8,), 3, 0.5)
+    sparsified = [{"w": base + t * m / 0.5} for t, m in zip(taus, masks)]
+    assert torch.allclose(out, merge("ties", {"w": base}, sparsified, k=0.5)["w"], atol=1e-6)
+
+
+def test_dare_with_zero_drop_rate_equals_the_plain_merge():
+    experts = [{"w": e} for e in with_task_vectors(TIES_BASE, TIES_TAUS)]
+    assert torch.equal(merge("dare-ties", {"w": TIES_BASE}, experts, p=0.0, k=0.5)["w"],
+                       merge("ties", {"w": TIES_BASE}, experts, k=0.5)["w"])
+    assert torch.equal(merge("dare-ta", {"w": TIES_BASE}, experts, p=0.0)["w"], merge("ta", {"w": TIES_BASE}, experts)["w"])
+
+
+# ---------------------------------------------------------------- shared behaviour of all methods
+
+
+@pytest.mark.parametrize("name", TENSORWISE + ["ties-global"])
+def test_integer_buffers_are_carried_from_the_base(name):
+    base = {"w": T([1.0, -2.0, 3.0, 0.5]), "count": T([5], dtype=torch.int64)}
+    experts = [{"w": T([2.0, -1.0, 1.0, 0.0]), "count": T([7], dtype=torch.int64)},
+               {"w": T([0.0, -3.0, 4.0, 1.0]), "count": T([9], dtype=torch.int64)}]
+    out = merges.get(name).merge(base, experts)
+    assert out["count"].dtype == torch.int64 and torch.equal(out["count"], T([5]))
+
+
+@pytest.mark.parametrize("name", TENSORWISE + ["ties-global"])
+def test_merged_tensors_keep_the_base_dtype(name):
+    base = {"w": T([1.0, -2.0, 3.0, 0.5], dtype=torch.float16)}
+    experts = [{"w": T([2.0, -1.0, 1.0, 0.0], dtype=torch.float16)}]
+    assert merges.get(name).merge(base, experts)["w"].dtype == torch.float16
+
+
+@pytest.mark.parametrize("name", TENSORWISE + ["ties-global"])
+def test_shape_mismatch_raises_checkpoint_error(name):
+    base = {"w": torch.zeros(2, 3)}
+    with pytest.raises(CheckpointError, match="shape"):
+        merges.get(name).merge(base, [{"w": torch.zeros(2, 3)}, {"w": torch.zeros(3, 2)}])
+
+
+@pytest.mark.parametrize("name", TENSORWISE + ["ties-global"])
+def test_merging_identical_experts_of_the_base_returns_the_base(name):
+    base = {"w": T([1.0, -2.0, 3.0])}
+    assert torch.equal(merges.get(name).merge(base, [dict(base), dict(base)])["w"], base["w"])
+
+
+# ---------------------------------------------------------------- AdaMerging on a fake suite
+
+
+class TinyBody(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Linear(4, 8)
+        self.layers = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+        self.norm = nn.LayerNorm(8)
+        self.register_buffer("seen", torch.tensor(0))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.layers(self.embed(x)))
+
+
+class TinyTaskModel(nn.Module):
+    def __init__(self, body: nn.Module, head: nn.Module) -> None:
+        super().__init__()
+        self.body = body
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class TinyFamily(Family):
+    name = "tiny-mlp"
+
+    def arch_map(self) -> ArchitectureMap:
+        return ArchitectureMap(family="tiny-mlp", layers=(LayerMap(0, prefix="layers.0."), LayerMap(1, prefix="layers.2.")),
+                               embeddings=("embed.weight", "embed.bias"), final_norms=("norm.weight", "norm.bias"))
+
+    def new_module(self) -> nn.Module:
+        return TinyBody()
+
+    def install_mlp(self, module: nn.Module, layer: int, mlp: nn.Module) -> None:
+        raise NotImplementedError
+
+    def mlp_projection(self, module: nn.Module, layer: int, which: str = "up") -> nn.Module:
+        raise NotImplementedError
+
+
+class TinySuite(Suite):
+    """Two 3-class tasks on fixed random 4-d inputs; only what AdaMerging calls is implemented."""
+
+    name = "tiny-fake"
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return ("a", "b")
+
+    def family(self) -> Family:
+        return TinyFamily()
+
+    def load_pretrained(self) -> StateDict:
+        torch.manual_seed(0)
+        return TinyBody().state_dict()
+
+    def recipe(self) -> dict[str, object]:
+        return {}
+
+    def batches(self, task: str, split: str, *, batch_size: int = 32, limit: int | None = None,
+                shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
+        x = torch.randn(48, 4, generator=torch.Generator().manual_seed(ord(task)))
+        order = torch.randperm(48, generator=torch.Generator().manual_seed(seed)) if shuffle else torch.arange(48)
+        x = x[order][:limit]
+        for i in range(0, len(x), batch_size):
+            chunk = x[i:i + batch_size]
+            yield Batch({"x": chunk}, torch.full((len(chunk),), -1))
+
+    def task_model(self, body, head, task: str) -> nn.Module:
+        module = TinyTaskModel(TinyBody(), nn.Linear(8, 3))
+        module.body.load_state_dict(body)
+        module.head.load_state_dict(head)
+        return module.eval()
+
+    def finetune(self, task, body, head=None, *, seed=0, regularizer=None, steps=None) -> Expert:
+        raise NotImplementedError
+
+    def evaluate(self, body, head, task, *, merged=False) -> dict[str, float]:
+        raise NotImplementedError
+
+
+@pytest.fixture
+def tiny_merge(tmp_path):
+    suite = TinySuite(cache_dir=tmp_path)
+    base = suite.pretrained()
+    torch.manual_seed(1)
+    experts = [{k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v + 3 for k, v in base.items()}
+               for _ in suite.tasks]
+    heads = [{"weight": 2.0 * torch.randn(3, 8), "bias": torch.zeros(3)} for _ in suite.tasks]
+    return base, experts, MergeContext(suite=suite, tasks=suite.tasks, heads=heads, seed=0)
+
+
+ADA_FAST = {"steps": 30, "lr": 0.05, "prior": 0.3, "batch_size": 8, "batches_per_step": 2, "samples": 32}
+
+
+def set_entropy(ctx: MergeContext, body: StateDict) -> float:
+    """Σ over tasks of the mean prediction entropy on all test inputs, computed independently of merges/."""
+    total = 0.0
+    for task, head in zip(ctx.tasks, ctx.heads):
+        model = ctx.suite.task_model(body, head, task)
+        with torch.no_grad():
+            probs = torch.cat([model(**b.inputs) for b in ctx.suite.batches(task, "test")]).softmax(-1)
+        total += float(-(probs * probs.log()).sum(-1).mean())
+    return total
+
+
+@pytest.mark.parametrize("granularity", ["task", "tensor", "block"])
+def test_adamerging_reduces_prediction_entropy(tiny_merge, granularity):
+    base, experts, ctx = tiny_merge
+    result = learn_coefficients(base, experts, ctx, granularity=granularity, clamp=True, measure=True, **ADA_FAST)
+    at_prior = merge("ta", base, experts, lambda_=0.3)
+    assert set_entropy(ctx, result.state) < set_entropy(ctx, at_prior) - 0.01
+    assert result.entropy_after < result.entropy_before
+    assert result.losses[-1] < result.losses[0]
+
+
+def test_adamerging_coefficient_shapes_follow_granularity(tiny_merge):
+    base, experts, ctx = tiny_merge
+    fast = {**ADA_FAST, "steps": 1}
+    assert learn_coefficients(base, experts, ctx, granularity="task", clamp=True, **fast).coefficients.shape == (1, 2)
+    assert learn_coefficients(base, experts, ctx, granularity="tensor", clamp=True, **fast).coefficients.shape == (8, 2)
+    blocks = learn_coefficients(base, experts, ctx, granularity="block", clamp=True, **fast)
+    assert blocks.groups == ("embeddings", "layer 0", "layer 1", "final norms")
+
+
+def test_adamerging_clamps_coefficients_to_unit_interval(tiny_merge):
+    base, experts, ctx = tiny_merge
+    wild = {**ADA_FAST, "steps": 40, "lr": 0.5}
+    clamped = learn_coefficients(base, experts, ctx, granularity="tensor", clamp=True, **wild).coefficients
+    free = learn_coefficients(base, experts, ctx, granularity="tensor", clamp=False, **wild).coefficients
+    assert float(clamped.min()) >= 0.0 and float(clamped.max()) <= 1.0
+    assert float(free.min()) < 0.0 or float(free.max()) > 1.0  # the bound is really active here
+
+
+def test_adamerging_state_is_base_plus_weighted_task_vectors(tiny_merge):
+    base, experts, ctx = tiny_merge
+    result = learn_coefficients(base, experts, ctx, granularity="task", clamp=True, **ADA_FAST)
+    lam = result.coefficients[0]
+    assert not torch.allclose(lam, torch.full_like(lam, 0.3))  # λ moved from the prior
+    for k, v in base.items():
+        if v.is_floating_point():
+            expected = v + sum(lam[i] * (e[k] - v) for i, e in enumerate(experts))
+            assert torch.allclose(result.state[k], expected, atol=1e-6)
+        else:
+            assert torch.equal(result.state[k], v)  # integer buffer from the base, not the experts
+
+
+def test_adamerging_through_the_registry_needs_a_context(tiny_merge):
+    base, experts, ctx = tiny_merge
+    method = merges.get("adamerging-layer")
+    params = method.parse({k: str(v) for k, v in {**ADA_FAST, "steps": 2}.items()})
+    out = method.merge(base, experts, params, ctx=ctx)
+    assert set(out) == set(base)
+    with pytest.raises(ValueError, match="context"):
+        method.merge(base, experts, params)
+
+
+def test_adamerging_shape_mismatch_raises_checkpoint_error(tiny_merge):
+    base, experts, ctx = tiny_merge
+    bad = dict(experts[1], **{"embed.weight": torch.zeros(3, 3)})
+    with pytest.raises(CheckpointError, match="shape"):
+        learn_coefficients(base, [experts[0], bad], ctx, granularity="task", clamp=True, **ADA_FAST)
+
+
+def test_block_groups_follow_the_architecture_map():
+    keys = ["embed.weight", "layers.0.weight", "layers.0.bias", "layers.2.weight", "norm.bias", "extra"]
+    groups, index = coefficient_groups(keys, "block", TinyFamily().arch_map())
+    assert groups == ("embeddings", "layer 0", "layer 1", "final norms", "extra")
+    assert index == [0, 1, 1, 2, 3, 4]
+
+
+def test_prediction_entropy_of_uniform_and_peaked_logits():
+    assert math.isclose(float(prediction_entropy(torch.zeros(2, 4))), math.log(4), rel_tol=1e-6)
+    assert float(prediction_entropy(T([[50.0, 0.0, 0.0]]))) < 1e-6
+
+
+def test_prediction_entropy_ignores_padded_positions():
+    # Position 1 of the sequence is padding: only the uniform (entropy log 3) position counts.
+    logits = torch.stack([torch.zeros(3), T([50.0, 0.0, 0.0])]).unsqueeze(0)  # [B=1, T=2, C=3]
+    masked = prediction_entropy(logits, T([[1, 0]]))
+    assert math.isclose(float(masked), math.log(3), rel_tol=1e-6)
+    assert math.isclose(float(prediction_entropy(logits)), math.log(3) / 2, rel_tol=1e-5)
