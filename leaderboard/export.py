@@ -1,0 +1,384 @@
+"""Published leaderboard data: one JSON per (suite, defense) entry, a manifest, and two CSVs.
+
+Layout of an export directory::
+
+    manifest.json                    every entry's summary, overall ranking, rank stability, file hashes
+    entries/<suite>/<defense>.json   scores per victim and per (attack, merge), and every cell they rest on
+    leaderboard.csv                  one row per (suite, defense) and per defense overall
+    recovered.csv                    one row per (suite, defense, victim, attack, merge)
+
+Both JSON kinds are validated against the schemas in ``leaderboard/schema/`` before they are written.
+Nothing depends on the wall clock: dates come from the stored cells, keys are sorted and floats
+rounded, so re-exporting unchanged results gives byte-identical files.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench import scoring
+from bench.scoring import DefenseScore, PairScore, Scores, VictimScore
+from bench.store import CellRecord, Store
+
+SCHEMA_VERSION = 1
+SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
+DIGITS = 6
+"""Scores are rounded to this many decimals: enough for any metric, stable across platforms."""
+
+
+class ExportError(ValueError):
+    """The results cannot be exported (bad source, or data that fails the published schema)."""
+
+
+# ---------------------------------------------------------------- sources
+
+
+def load_source(source: Any) -> tuple[list[CellRecord], dict[str, dict[str, Any]]]:
+    """Cells and run environments from a `Store`, a path to a store file, or an iterable of `CellRecord`."""
+    if isinstance(source, Store):
+        cells = source.cells()
+        return cells, {r: source.run_env(r) for r in sorted({c.run_id for c in cells if c.run_id})}
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if not path.is_file():
+            raise ExportError(f"results store {path} does not exist; run `bench run` first or pass the right --store")
+        with Store(path) as store:
+            return load_source(store)
+    try:
+        cells = list(source)
+    except TypeError as exc:
+        raise ExportError(f"cannot read results from a {type(source).__name__}; pass a Store or a store path") from exc
+    if not all(isinstance(c, CellRecord) for c in cells):
+        raise ExportError("an iterable source must hold only CellRecord objects")
+    return cells, {}
+
+
+# ---------------------------------------------------------------- small helpers
+
+
+def slug(name: str) -> str:
+    """A file-name-safe form of ``name``; a hash suffix keeps distinct names distinct."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-.") or "x"
+    if safe == name:
+        return safe
+    return f"{safe[:60]}-{hashlib.sha256(name.encode()).hexdigest()[:8]}"
+
+
+def entry_path(suite: str, defense: str) -> str:
+    """Path of an entry's JSON, relative to the export directory (POSIX separators)."""
+    return f"entries/{slug(suite)}/{slug(defense)}.json"
+
+
+def iso_date(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, tz=timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _num(x: float | None, digits: int = DIGITS) -> float | None:
+    if x is None or not math.isfinite(x):
+        return None
+    return round(float(x), digits) + 0.0  # + 0.0 turns -0.0 into 0.0
+
+
+def _ci(ci: tuple[float, float] | None) -> list[float] | None:
+    return None if ci is None else [_num(ci[0]), _num(ci[1])]
+
+
+def _clean(value: Any) -> Any:
+    """JSON-safe copy: non-finite floats become null, tuples lists, keys strings."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if value is None or isinstance(value, (str, int, bool)):
+        return value
+    return str(value)
+
+
+def dumps(doc: Any) -> str:
+    return json.dumps(doc, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+# ---------------------------------------------------------------- documents
+
+
+def _flags(ds: DefenseScore | VictimScore) -> list[dict[str, str]]:
+    return [{"code": f.code, "message": f.message} for f in ds.flags]
+
+
+def _pair(p: PairScore) -> dict[str, Any]:
+    return {"attack": p.attack, "merge": p.merge, "recovered": _num(p.recovered), "n": p.n,
+            "na_reason": p.na_reason, "attack_s": _num(p.attack_s, 3), "partner_effect": _num(p.partner_effect)}
+
+
+def summary(ds: DefenseScore) -> dict[str, Any]:
+    """The numbers a leaderboard row shows."""
+    return {
+        "utility": _num(ds.utility), "utility_ci": _ci(ds.utility_ci),
+        "security": _num(ds.security), "security_ci": _ci(ds.security_ci),
+        "best_attack": ds.best_attack, "best_merge": ds.best_merge, "best_recovered": _num(ds.best_recovered),
+        "partner_effect": _num(ds.partner_effect), "protect_s": _num(ds.protect_s, 3),
+        "attack_s": _num(ds.attack_s, 3), "peak_rss_mb": _num(ds.peak_rss_mb, 1),
+        "complete": ds.complete, "attacks_missing": list(ds.attacks_missing), "rank": ds.rank,
+        "unranked_reason": ds.unranked_reason, "flags": _flags(ds), "victims": list(ds.victims),
+        "suites": list(ds.suites),
+    }
+
+
+def _victim(vs: VictimScore) -> dict[str, Any]:
+    return {
+        "victim": vs.victim, "metric": vs.metric, "higher_is_better": vs.higher_is_better,
+        "acc_pre": _num(vs.acc_pre), "acc_ft": _num(vs.acc_ft),
+        "utility": _num(vs.utility), "utility_ci": _ci(vs.utility_ci),
+        "security": _num(vs.security), "security_ci": _ci(vs.security_ci),
+        "best_attack": vs.best_attack, "best_merge": vs.best_merge,
+        "partner_effect": _num(vs.partner_effect), "protect_s": _num(vs.protect_s, 3),
+        "attack_s": _num(vs.attack_s, 3), "peak_rss_mb": _num(vs.peak_rss_mb, 1),
+        "complete": vs.complete, "attacks_evaluated": list(vs.attacks_evaluated),
+        "attacks_missing": list(vs.attacks_missing), "attacks_na": dict(vs.attacks_na),
+        "replicates": [{"partners": list(p), "seed": s} for p, s in vs.replicates],
+        "flags": _flags(vs), "recovered": [_pair(p) for p in vs.pairs], "cells": list(vs.cell_ids),
+    }
+
+
+def _cell(c: CellRecord) -> dict[str, Any]:
+    return {
+        "cell_id": c.cell_id, "kind": c.kind, "suite": c.suite, "victim": c.victim, "partners": list(c.partners),
+        "defense": c.defense, "attack": c.attack, "merge": c.merge, "seed": c.seed, "status": c.status,
+        "reason": c.reason, "spec": _clean(c.spec), "provenance": _clean(c.provenance),
+        "metrics": [{"role": m.role, "task": m.task, "metric": m.metric, "value": _clean(float(m.value)),
+                     "higher_is_better": m.higher_is_better} for m in c.metrics],
+        "run_id": c.run_id, "date": iso_date(c.created),
+    }
+
+
+def _plugin_specs(cells: Iterable[CellRecord], key: str) -> list[Any]:
+    """Distinct specs of one plugin kind as the cells recorded them (the whole spec when not split by kind)."""
+    seen: dict[str, Any] = {}
+    for c in cells:
+        spec = c.spec.get(key, c.spec) if isinstance(c.spec, dict) else c.spec
+        spec = _clean(spec)
+        seen[json.dumps(spec, sort_keys=True)] = spec
+    return [seen[k] for k in sorted(seen)]
+
+
+def _specs(own: list[CellRecord]) -> dict[str, Any]:
+    by_attack: dict[str, list[CellRecord]] = {}
+    by_merge: dict[str, list[CellRecord]] = {}
+    for c in own:
+        by_attack.setdefault(c.attack, []).append(c)
+        by_merge.setdefault(c.merge, []).append(c)
+    return {"defense": _plugin_specs(own, "defense"),
+            "attacks": {a: _plugin_specs(cs, "attack") for a, cs in sorted(by_attack.items())},
+            "merges": {m: _plugin_specs(cs, "merge") for m, cs in sorted(by_merge.items())}}
+
+
+def _common(scores: Scores) -> dict[str, Any]:
+    return {"schema_version": SCHEMA_VERSION, "config": _clean(scores.config),
+            "standard_attacks": list(scores.standard_attacks), "metrics": scoring.METRICS}
+
+
+def entry_document(scores: Scores, ds: DefenseScore, cells: dict[str, CellRecord],
+                   runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The published JSON of one (suite, defense)."""
+    victims = scores.victim_scores(ds.suite, ds.defense)
+    ids = sorted({i for v in victims for i in v.cell_ids})
+    used = [cells[i] for i in ids if i in cells]
+    own = [c for c in used if c.kind == "merge" and c.defense == ds.defense and c.status == "ok"]
+    run_ids = sorted({c.run_id for c in used if c.run_id})
+    return {
+        **_common(scores),
+        "suite": ds.suite, "defense": ds.defense,
+        "date": iso_date(max((c.created for c in used), default=0.0)),
+        "summary": summary(ds),
+        "recovered": [_pair(p) for p in ds.pairs],
+        "victims": [_victim(v) for v in victims],
+        "specs": _specs(own),
+        "cells": [_cell(c) for c in used],
+        "runs": {r: _clean(runs.get(r, {})) for r in run_ids},
+    }
+
+
+def _stability(scores: Scores) -> list[dict[str, Any]]:
+    out = []
+    for group, st in sorted(scores.stability.items()):
+        out.append({
+            "suite": None if group == "*" else group, "defenses": list(st.defenses),
+            "rank_probability": [[_num(p) for p in row] for row in st.rank_probability],
+            "pairwise_flip": [{"a": a, "b": b, "flip_rate": _num(r)} for a, b, r in st.pairwise_flip],
+            "stable_fraction": _num(st.stable_fraction),
+        })
+    return out
+
+
+def manifest_document(scores: Scores, records: list[CellRecord], files: list[dict[str, Any]]) -> dict[str, Any]:
+    """The published index: summaries, overall ranking, rank stability and the hash of every file."""
+    merges = [c for c in records if c.kind == "merge"]
+    return {
+        **_common(scores),
+        "date": iso_date(max((c.created for c in records), default=0.0)),
+        "n_cells": len(records),
+        "runs": sorted({c.run_id for c in records if c.run_id}),
+        "suites": sorted({s.suite for s in scores.suites}),
+        "defenses": sorted({c.defense for c in merges}),
+        "attacks": sorted({c.attack for c in merges} | set(scores.standard_attacks)),
+        "merges": sorted({c.merge for c in merges}),
+        "entries": [{"suite": ds.suite, "defense": ds.defense, "file": entry_path(ds.suite, ds.defense),
+                     "summary": summary(ds)} for ds in scores.suites],
+        "overall": [{"defense": ds.defense, "summary": summary(ds)} for ds in scores.overall],
+        "rank_stability": _stability(scores),
+        "not_applicable": [{"suite": s, "defense": d, "reason": r} for s, d, r in scores.not_applicable],
+        "files": files,
+    }
+
+
+# ---------------------------------------------------------------- CSVs
+
+
+LEADERBOARD_COLUMNS = ("group", "defense", "rank", "utility", "utility_lo", "utility_hi", "security", "security_lo",
+                       "security_hi", "best_attack", "best_merge", "best_recovered", "partner_effect", "protect_s",
+                       "attack_s", "peak_rss_mb", "complete", "flags")
+RECOVERED_COLUMNS = ("suite", "defense", "victim", "attack", "merge", "recovered", "n", "na_reason", "attack_s",
+                     "partner_effect")
+
+
+def _csv(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: "" if row.get(k) is None else row[k] for k in columns})
+    return buf.getvalue()
+
+
+def leaderboard_csv(scores: Scores) -> str:
+    rows = []
+    for group, items in [("overall", scores.overall), *[(s.suite, [s]) for s in scores.suites]]:
+        for ds in items:
+            s = summary(ds)
+            rows.append({**s, "group": group, "defense": ds.defense,
+                         "utility_lo": (s["utility_ci"] or [None, None])[0],
+                         "utility_hi": (s["utility_ci"] or [None, None])[1],
+                         "security_lo": (s["security_ci"] or [None, None])[0],
+                         "security_hi": (s["security_ci"] or [None, None])[1],
+                         "flags": ";".join(f["code"] for f in s["flags"])})
+    return _csv(LEADERBOARD_COLUMNS, rows)
+
+
+def recovered_csv(scores: Scores) -> str:
+    rows = [{"suite": v.suite, "defense": v.defense, "victim": v.victim, **_pair(p)}
+            for v in scores.victims for p in v.pairs]
+    return _csv(RECOVERED_COLUMNS, rows)
+
+
+# ---------------------------------------------------------------- schema
+
+
+def load_schema(kind: str) -> dict[str, Any]:
+    """The JSON Schema of ``kind`` ('entry' or 'manifest')."""
+    return json.loads((SCHEMA_DIR / f"{kind}.schema.json").read_text(encoding="utf-8"))
+
+
+def validate(doc: Any, kind: str) -> None:
+    """Raise `ExportError` naming the first violation of the ``kind`` schema."""
+    import jsonschema
+    from referencing import Registry, Resource
+
+    # The manifest schema refers to definitions in the entry schema by its $id.
+    schemas = [load_schema(k) for k in ("entry", "manifest")]
+    registry = Registry().with_resources((s["$id"], Resource.from_contents(s)) for s in schemas)
+    validator = jsonschema.Draft202012Validator(load_schema(kind), registry=registry)
+    errors = sorted(validator.iter_errors(doc), key=lambda e: list(e.absolute_path))
+    if errors:
+        where = "/".join(str(p) for p in errors[0].absolute_path) or "(root)"
+        raise ExportError(f"{kind} JSON violates its schema at {where}: {errors[0].message}")
+
+
+# ---------------------------------------------------------------- writing
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomic write: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def export(store: Any, out_dir: str | os.PathLike, *, attacks: Sequence[str] | None = None,
+           utility_floor: float = scoring.UTILITY_FLOOR, n_bootstrap: int = scoring.N_BOOTSTRAP,
+           ci_level: float = scoring.CI_LEVEL, seed: int = 0) -> list[Path]:
+    """Score the results in ``store`` and write the published files under ``out_dir``; returns their paths.
+
+    ``attacks`` is the standard attack set (default: `bench.scoring.standard_attacks`). Entry files
+    of (suite, defense) pairs no longer in the results are removed, so the directory mirrors the store.
+    """
+    records, runs = load_source(store)
+    scores = scoring.score(records, attacks=attacks, utility_floor=utility_floor, n_bootstrap=n_bootstrap,
+                           ci_level=ci_level, seed=seed)
+    by_id = {c.cell_id: c for c in records}
+    texts: dict[str, str] = {}
+    for ds in scores.suites:
+        doc = entry_document(scores, ds, by_id, runs)
+        validate(doc, "entry")
+        texts[entry_path(ds.suite, ds.defense)] = dumps(doc)
+    texts["leaderboard.csv"] = leaderboard_csv(scores)
+    texts["recovered.csv"] = recovered_csv(scores)
+    files = [{"path": p, "sha256": hashlib.sha256(t.encode()).hexdigest(), "bytes": len(t.encode())}
+             for p, t in sorted(texts.items())]
+    manifest = manifest_document(scores, records, files)
+    validate(manifest, "manifest")
+    texts["manifest.json"] = dumps(manifest)
+
+    out = Path(out_dir)
+    _remove_stale_entries(out, set(texts))
+    written = []
+    for rel, text in sorted(texts.items()):
+        _write(out / rel, text)
+        written.append(out / rel)
+    return written
+
+
+def _remove_stale_entries(out: Path, keep: set[str]) -> None:
+    entries = out / "entries"
+    if not entries.is_dir():
+        return
+    for path in sorted(entries.rglob("*.json")):
+        if path.relative_to(out).as_posix() not in keep:
+            path.unlink()
+
+
+def load_export(export_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The validated manifest and entry documents of an export directory."""
+    root = Path(export_dir)
+    manifest_path = root / "manifest.json"
+    if not manifest_path.is_file():
+        raise ExportError(f"{root} holds no manifest.json; create it with `bench leaderboard export`")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    validate(manifest, "manifest")
+    entries = []
+    for item in manifest["entries"]:
+        path = root / item["file"]
+        if not path.is_file():
+            raise ExportError(f"{path} is listed in the manifest but missing; re-run `bench leaderboard export`")
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        validate(doc, "entry")
+        entries.append(doc)
+    return manifest, entries
