@@ -48,6 +48,11 @@ merges.register_lazy("adamerging-layer", "merges.adamerging:adamerging_layer")
 # ---- suites
 suites.register_lazy("text-minilm", "tasks.text_minilm:TextMiniLM")
 suites.register_lazy("vision-effnet", "tasks.vision_effnet:VisionEffNet")
+suites.register_lazy("lm-smollm2", "tasks.lm_smollm2:SmolLM2Suite")
+suites.register_lazy("llama2-13b-experts", "tasks.llama2_experts:Llama2Experts")
+suites.register_lazy("clip-vit-b32-ta8", "tasks.clip_ta8:ClipViTB32TA8")
+suites.register_lazy("clip-vit-l14-ta8", "tasks.clip_ta8:ClipViTL14TA8")
+suites.register_lazy("sd15-styles", "tasks.sd15_styles:SD15Styles")
 
 # ---- architecture families
 families.register_lazy("bert", "bench.families.bert:BertFamily")
@@ -55,6 +60,7 @@ families.register_lazy("efficientnet", "bench.families.efficientnet:EfficientNet
 families.register_lazy("clip-vision", "bench.families.clip:ClipVisionFamily")
 families.register_lazy("llama", "bench.families.llama:LlamaFamily")
 families.register_lazy("open-clip-vit", "bench.families.open_clip:OpenClipVisionFamily")
+families.register_lazy("unet", "bench.families.unet:UNetFamily")
 
 # ---- module variants (structure-changed releases)
 variants.register_lazy("taylor-ffn", "defenses.taylor:TAYLOR_FFN")

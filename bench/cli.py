@@ -8,6 +8,7 @@
     bench merge --method ties --base B --models A1 A2 --param k=0.2 --out OUT
     bench protect --defense D --model DIR --base DIR --out DIR
     bench leaderboard export|build|serve
+    bench reproduce --suite clip-vit-b32-ta8                              # baselines vs the published table
 
 User mistakes (unknown plugin, bad parameter, missing data package, corrupt checkpoint) print one
 line and exit with status 2; no traceback.
@@ -168,7 +169,12 @@ def cmd_results(args: argparse.Namespace) -> int:
         raise UserError(f"no results store at {args.store}; run `bench run` first or pass --store")
     where = {k: v for k, v in (("suite", args.suite), ("defense", args.defense), ("attack", args.attack)) if v}
     with Store(args.store) as store:
-        print(to_format(store.cells(**where), args.format))
+        if args.scores:
+            from bench.scoring import format_table, score
+
+            print(format_table(score(store.cells(**where))))
+        else:
+            print(to_format(store.cells(**where), args.format))
     return 0
 
 
@@ -244,6 +250,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(args: argparse.Namespace) -> int:
+    from bench.reproduce import format_gate, reproduce
+
+    result = reproduce(args.suite, args.store, args.cache_dir, args.tolerance_avg, args.tolerance_task, table=args.table)
+    print(format_gate(result))
+    return 0 if result.passed else 1
+
+
 # ---------------------------------------------------------------- parser
 
 
@@ -291,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--suite")
     res.add_argument("--defense")
     res.add_argument("--attack")
+    res.add_argument("--scores", action="store_true", help="print utility, worst-case security and the best attack per defense")
     common(res, cache=False)
     res.set_defaults(func=cmd_results)
 
@@ -328,6 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--port", type=int, default=8000)
     common(lb, cache=False)
     lb.set_defaults(func=cmd_leaderboard)
+
+    rp = sub.add_parser("reproduce", help="check a suite's no-defense baselines against its lineage's published table")
+    rp.add_argument("--suite", required=True)
+    rp.add_argument("--table", default=None, help="published table JSON (default: the one the suite pins)")
+    rp.add_argument("--tolerance-avg", type=float, default=1.0, help="allowed |measured - published| of a row's average")
+    rp.add_argument("--tolerance-task", type=float, default=2.5, help="allowed |measured - published| per task")
+    common(rp)
+    rp.set_defaults(func=cmd_reproduce)
     return p
 
 
