@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 
@@ -58,6 +58,7 @@ class Realign(Attack):
     """
 
     name = "realign"
+    standard_composites: ClassVar[tuple[str, ...]] = ("realign+scale-division",)
     version = "1"
     Params = RealignParams
     paper = "Ainsworth, Hayase, Srinivasa. Git Re-Basin: Merging Models modulo Permutation Symmetries. ICLR 2023. https://arxiv.org/abs/2209.04836"

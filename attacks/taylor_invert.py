@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -80,6 +80,7 @@ class TaylorInvert(Attack):
     """
 
     name = "taylor-invert"
+    standard_composites: ClassVar[tuple[str, ...]] = ("taylor-invert+anchor-align", "taylor-invert+realign+scale-division")
     version = "1"
     Params = TaylorInvertParams
     paper = ("Towards Provable (In)Security of Model Protection via Taylor Expansion (TaylorAttack), "

@@ -1,0 +1,449 @@
+"""MergeGuard (arXiv:2511.11851): density-aware fine-tuning, then adversarial weight negation.
+
+The method, and every choice made where the paper is vague, is documented on `MergeGuard`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import nn
+
+from bench.artifact import Artifact
+from bench.families.base import ROPE, ArchitectureMap
+from bench.params import ParamError
+from bench.plugins import Defense, DefenseContext
+from bench.registry import defenses
+from bench.suite import Batch, Expert
+from bench.weights import StateDict, is_mergeable
+
+PAPER = "Chen et al., Defending Unauthorized Model Merging via Dual-Stage Weight Protection, arXiv:2511.11851"
+
+
+# ---------------------------------------------------------------- parameters
+
+
+@dataclass(frozen=True)
+class DensityParams:
+    """Stage 1: density-aware fine-tuning."""
+
+    alpha: float = 0.01
+    """Weight α of the layer-wise L2 term (Eq. 1; 0.01 in §6.1)."""
+    steps: int | None = None
+    """Fine-tuning steps of the re-fine-tune (None: the suite's recipe)."""
+
+    def __post_init__(self) -> None:
+        if self.alpha < 0:
+            raise ParamError(f"alpha must be >= 0; got {self.alpha}")
+        if self.steps is not None and self.steps < 1:
+            raise ParamError(f"steps must be a positive integer or None; got {self.steps}")
+
+
+@dataclass(frozen=True)
+class NegationParams:
+    """Stage 2: adversarial weight negation."""
+
+    k_layers: float = 0.1
+    """k': fraction of units (most important first) left untouched (10 % in §6.1)."""
+    k_params: float = 0.1
+    """k: fraction of each remaining unit's entries, by |τ'|, that are negated (0.1 in §6.1)."""
+    beta: float = 1.0
+    """β of Eq. 4 (1 in §6.1)."""
+    heldout_samples: int = 256
+    """Training-split samples used to measure each unit's accuracy drop."""
+    batch_size: int = 32
+    """Batch size of the importance evaluations."""
+    granularity: Literal["block", "module"] = "block"
+    """Unit of importance: an architecture-map layer ('block') or a leaf module ('module')."""
+    layer_mask: Literal["task_vector", "zero"] = "task_vector"
+    """How a unit is masked when measuring its importance: reset to θ_pre, or zero the weights."""
+    exclude_lm_io: Literal["auto", "yes", "no"] = "auto"
+    """Leave embeddings, final norms and the LM head alone ('auto': only for causal LMs)."""
+
+    def __post_init__(self) -> None:
+        for name in ("k_layers", "k_params"):
+            value = getattr(self, name)
+            if not 0.0 <= value <= 1.0:
+                raise ParamError(f"{name} is a fraction and must lie in [0, 1]; got {value}")
+        if self.beta <= 0:
+            raise ParamError(
+                f"beta must be > 0 (Eq. 4 subtracts a positive multiple of the task vector); got {self.beta}"
+            )
+        if self.heldout_samples < 1:
+            raise ParamError(f"heldout_samples must be at least 1; got {self.heldout_samples}")
+        if self.batch_size < 1:
+            raise ParamError(f"batch_size must be at least 1; got {self.batch_size}")
+
+
+@dataclass(frozen=True)
+class MergeGuardParams(NegationParams, DensityParams):
+    """Both stages (the paper's defaults)."""
+
+    def __post_init__(self) -> None:
+        DensityParams.__post_init__(self)
+        NegationParams.__post_init__(self)
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+def layer_groups(names: Iterable[str], arch: ArchitectureMap) -> dict[str, list[str]]:
+    """Tensor names grouped per layer: one group per architecture-map layer, one per other parent module."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(_block_unit(name, arch), []).append(name)
+    return groups
+
+
+def layerwise_l2(module: nn.Module, arch: ArchitectureMap) -> torch.Tensor:
+    """Σ_ℓ ||θ^(ℓ)||²₂ over the trainable parameters of ``module`` (the regulariser of Eqs. 2–3)."""
+    params = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the module has no trainable parameters to regularise")
+    per_layer = [sum(params[n].pow(2).sum() for n in names) for names in layer_groups(params, arch).values()]
+    return torch.stack(per_layer).sum()
+
+
+class LayerwiseL2:
+    """The stage-1 regulariser ``α Σ_ℓ ||θ^(ℓ)||²₂`` on the task model's body (a `bench.suite.Regularizer`)."""
+
+    def __init__(self, alpha: float, arch: ArchitectureMap) -> None:
+        self.alpha = alpha
+        self.arch = arch
+
+    def __call__(self, model: nn.Module) -> torch.Tensor:
+        body = getattr(model, "body", None)
+        if not isinstance(body, nn.Module):
+            raise TypeError("MergeGuard's regulariser needs the task model's body as `.body` (see Suite.task_model)")
+        return self.alpha * layerwise_l2(body, self.arch)
+
+
+def density_aware_finetune(expert: Expert, ctx: DefenseContext, params: DensityParams) -> Expert:
+    """θ'_def: the expert fine-tuned again on its task under the layer-wise L2 penalty."""
+    regularizer = LayerwiseL2(params.alpha, ctx.arch)
+    return ctx.suite.finetune(
+        ctx.task, expert.body, expert.head, seed=ctx.seed, regularizer=regularizer, steps=params.steps
+    )
+
+
+# ---------------------------------------------------------------- stage 2: units and masks
+
+
+@dataclass(frozen=True)
+class Unit:
+    """A group of tensors masked together when measuring importance (a layer)."""
+
+    name: str
+    keys: tuple[str, ...]
+
+
+def _block_unit(key: str, arch: ArchitectureMap) -> str:
+    index = arch.layer_of(key)
+    if index is not None:
+        layer = next(lay for lay in arch.layers if lay.index == index)
+        return layer.prefix.rstrip(".") or f"layer{index}"
+    return key.rsplit(".", 1)[0] if "." in key else key
+
+
+def _module_unit(key: str) -> str:
+    return key.rsplit(".", 1)[0] if "." in key else key
+
+
+def is_causal_lm(arch: ArchitectureMap) -> bool:
+    """A decoder LM: its output head sits in the body, or its attention is rotary."""
+    return bool(arch.head) or ROPE in arch.features
+
+
+def lm_io_keys(state: StateDict, arch: ArchitectureMap, mode: str) -> set[str]:
+    """The embedding, final-norm and head tensors stage 2 leaves alone (§5: excluded for LLMs only)."""
+    if mode == "no" or (mode == "auto" and not is_causal_lm(arch)):
+        return set()
+    named = (*arch.embeddings, *arch.final_norms, *arch.head)
+    return {k for k in state if any(k == n or k.startswith(n + ".") for n in named)}
+
+
+def negation_units(tv: StateDict, arch: ArchitectureMap, granularity: str, exclude: set[str]) -> list[Unit]:
+    """The units of stage 2, in model order, over the task vector's tensors that are not excluded."""
+    groups: dict[str, list[str]] = {}
+    for key in tv:
+        if key in exclude:
+            continue
+        name = _block_unit(key, arch) if granularity == "block" else _module_unit(key)
+        groups.setdefault(name, []).append(key)
+    return [Unit(name, tuple(keys)) for name, keys in groups.items()]
+
+
+def round_half_up(x: float) -> int:
+    return int(math.floor(x + 0.5))
+
+
+def top_fraction_mask(values: Sequence[torch.Tensor], fraction: float) -> list[torch.Tensor]:
+    """Boolean masks selecting exactly ``round_half_up(fraction·n)`` entries of largest |value| across ``values``.
+
+    Ties at the threshold are broken by position (tensor order, then flat index), so the count is
+    exact and the choice deterministic.
+    """
+    flat = torch.cat([v.detach().reshape(-1).abs().float() for v in values]) if values else torch.zeros(0)
+    n = flat.numel()
+    keep = round_half_up(fraction * n)
+    if keep <= 0:
+        chosen = torch.zeros(n, dtype=torch.bool)
+    elif keep >= n:
+        chosen = torch.ones(n, dtype=torch.bool)
+    else:
+        threshold = torch.kthvalue(flat, n - keep + 1).values  # the keep-th largest magnitude
+        chosen = flat > threshold
+        ties = (flat == threshold).nonzero().flatten()
+        chosen[ties[: keep - int(chosen.sum())]] = True
+    masks, start = [], 0
+    for v in values:
+        masks.append(chosen[start : start + v.numel()].reshape(v.shape))
+        start += v.numel()
+    return masks
+
+
+def critical_units(drops: Sequence[float], fraction: float) -> list[int]:
+    """Indices of the ``round_half_up(fraction·units)`` units whose masking costs most accuracy (stable on ties)."""
+    count = round_half_up(fraction * len(drops))
+    order = sorted(range(len(drops)), key=lambda i: (-drops[i], i))
+    return sorted(order[:count])
+
+
+def negate(theta: StateDict, base: StateDict, masks: dict[str, torch.Tensor], beta: float) -> StateDict:
+    """Eq. 4, θ̂ = θ' − β M ⊙ τ', evaluated as θ_pre + (1 − β)τ' on masked entries (float64, cast back)."""
+    out = dict(theta)
+    for key, mask in masks.items():
+        t, b = theta[key].double(), base[key].double()
+        negated = b + (1.0 - beta) * (t - b)
+        out[key] = torch.where(mask, negated, t).to(theta[key].dtype)
+    return out
+
+
+# ---------------------------------------------------------------- stage 2: importance
+
+
+def count_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
+    """(correct, counted) predictions: per-sample classes, or next-token ids for [B, T, V] logits.
+
+    Token labels follow the Hugging Face convention: aligned with the inputs (the model shifts them),
+    with -100 marking positions that are not scored.
+    """
+    if logits.dim() == labels.dim() + 1 and logits.dim() == 3:
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    predicted = logits.argmax(dim=-1)
+    scored = labels != -100
+    return int(((predicted == labels) & scored).sum()), int(scored.sum())
+
+
+@torch.no_grad()
+def heldout_accuracy(model: nn.Module, batches: Sequence[Batch]) -> float:
+    correct = total = 0
+    for batch in batches:
+        output = model(**batch.inputs)
+        logits = output.logits if hasattr(output, "logits") else output
+        c, n = count_correct(logits, batch.labels)
+        correct, total = correct + c, total + n
+    if total == 0:
+        raise ValueError("the held-out batches contain no scored labels")
+    return correct / total
+
+
+@dataclass
+class Importance:
+    """Accuracy drop of every unit, and what measuring it cost."""
+
+    accuracy: float
+    """Held-out accuracy of θ' itself."""
+    drops: list[float]
+    seconds: float
+    evaluations: int
+
+
+def unit_importance(
+    model: nn.Module,
+    units: Sequence[Unit],
+    theta: StateDict,
+    base: StateDict,
+    batches: Sequence[Batch],
+    layer_mask: str,
+) -> Importance:
+    """Mask each unit in turn inside ``model`` (whose ``.body`` carries θ') and measure the accuracy drop."""
+    start = time.perf_counter()
+    live = _live_tensors(model, [k for u in units for k in u.keys])
+    reference = heldout_accuracy(model, batches)
+    drops = []
+    with torch.no_grad():
+        for unit in units:
+            for k in unit.keys:
+                live[k].copy_(base[k] if layer_mask == "task_vector" else torch.zeros_like(live[k]))
+            drops.append(reference - heldout_accuracy(model, batches))
+            for k in unit.keys:
+                live[k].copy_(theta[k])
+    return Importance(reference, drops, time.perf_counter() - start, len(units) + 1)
+
+
+def _live_tensors(model: nn.Module, keys: Sequence[str]) -> dict[str, torch.Tensor]:
+    """The body module's own tensors (sharing storage), so a unit can be masked in place."""
+    body = getattr(model, "body", None)
+    if not isinstance(body, nn.Module):
+        raise TypeError("MergeGuard needs the task model's body as `.body` (see Suite.task_model)")
+    state = body.state_dict(keep_vars=True)
+    missing = [k for k in keys if k not in state]
+    if missing:
+        raise KeyError(f"the task model's body lacks {len(missing)} tensor(s) of the state dict, e.g. {missing[:3]}")
+    return {k: state[k].data for k in keys}
+
+
+def adversarial_weight_negation(
+    theta: StateDict, head: StateDict, ctx: DefenseContext, params: NegationParams
+) -> tuple[StateDict, dict[str, torch.Tensor], dict[str, Any]]:
+    """Stage 2 on θ' with ``head``: (θ̂, the mask M per tensor, notes)."""
+    base = ctx.base
+    tv = {k: theta[k] - base[k] for k in base if is_mergeable(base[k])}
+    excluded = lm_io_keys(tv, ctx.arch, params.exclude_lm_io)
+    units = negation_units(tv, ctx.arch, params.granularity, excluded)
+    batches = list(
+        ctx.suite.batches(
+            ctx.task, "train", batch_size=params.batch_size, limit=params.heldout_samples, shuffle=True, seed=ctx.seed
+        )
+    )
+    if not batches:
+        raise ValueError(f"task {ctx.task!r} yielded no training samples to measure layer importance on")
+    model = ctx.suite.task_model(theta, head, ctx.task)
+    importance = unit_importance(model, units, theta, base, batches, params.layer_mask)
+    critical = set(critical_units(importance.drops, params.k_layers))
+
+    masks: dict[str, torch.Tensor] = {}
+    for i, unit in enumerate(units):
+        if i in critical:
+            continue
+        for key, mask in zip(unit.keys, top_fraction_mask([tv[k] for k in unit.keys], params.k_params)):
+            masks[key] = mask
+    protected = negate(theta, base, masks, params.beta)
+
+    negated = sum(int(m.sum()) for m in masks.values())
+    considered = sum(tv[k].numel() for u in units for k in u.keys)
+    notes = {
+        "mask_eval_seconds": round(importance.seconds, 4),
+        "mask_evaluations": importance.evaluations,
+        "heldout_samples": sum(len(b.labels) for b in batches),
+        "heldout_accuracy": importance.accuracy,
+        "unit_drops": {u.name: d for u, d in zip(units, importance.drops)},
+        "critical_units": [units[i].name for i in sorted(critical)],
+        "excluded_tensors": sorted(excluded),
+        "negated_entries": negated,
+        "negated_fraction": negated / considered if considered else 0.0,
+    }
+    return protected, masks, notes
+
+
+# ---------------------------------------------------------------- the defenses
+
+
+@defenses.register("mergeguard")
+class MergeGuard(Defense):
+    """MergeGuard: layer-wise L2 re-fine-tune (stage 1), then negate the top-|τ'| entries of non-critical layers (stage 2).
+
+    Paper: W.-J. Chen, M.-Y. Tsai, C.-Y. Lee, C.-M. Yu, "Defending Unauthorized Model Merging via
+    Dual-Stage Weight Protection", arXiv:2511.11851 (§5, §6.1, Table 4, Appendix C). No public code:
+    the paper is the spec. Where it is vague, the choices below are ours and each one names the passage
+    it rests on.
+
+    **Stage 1 — density-aware fine-tuning** (Eqs. 1–3). The defender's expert θ_def is fine-tuned again
+    with the suite's own recipe and the loss ``L_task + α Σ_ℓ ||θ^(ℓ)||²₂`` (α = 0.01, §6.1), giving θ'.
+
+    * The penalty is on the weights θ themselves, not on θ − θ_pre: §5 says the term "drives model
+      parameters toward zero", and Eqs. 2–3 write ``θ^(ℓ)``, the layer's trainable parameters.
+    * It is a sum of per-layer **squared** norms (the ``‖·‖²₂`` of Eqs. 2–3), one group per layer
+      ("the L2 penalty is applied layer-wise so that each layer is regularized independently"). With
+      squared norms the grouping leaves the value unchanged, so the groups only make the equation's
+      structure visible (`layerwise_l2`).
+    * It covers the body (the released, merged part) and not the task head. The paper's CLIP protocol
+      trains the image encoder under a frozen zero-shot head, so there its "trainable parameters" are
+      exactly the body.
+    * Fine-tuning starts from the expert θ_def ("given θ_def, we obtain θ'_def after Stage 1") and from
+      the expert's head. Because it retrains the head too, that head is released as ``Artifact.head``.
+
+    **Stage 2 — adversarial weight negation** (Eq. 4). This stage needs no training.
+
+    1. *Layer importance.* "We begin by masking each layer of the model and measuring the resulting
+       accuracy drop." Masking a layer here means zeroing its part of τ' = θ' − θ_pre, which resets the
+       layer to θ_pre (``layer_mask="task_vector"``). That is the same binary mask on τ' that Eq. 4
+       applies, and the drop then measures what the *fine-tuning* put in the layer: Appendix C speaks
+       of "task-critical weights". Zeroing the weights themselves (``layer_mask="zero"``) is offered as
+       the literal alternative. Accuracy is measured on ``heldout_samples`` samples of the task's
+       *training* split, in a seeded shuffle. The test split is kept for the benchmark's utility score.
+       The cost is one evaluation per unit plus one for θ', recorded in ``Artifact.notes``. The paper
+       reports 52–641 minutes per model (Appendix C, Tables 7–8).
+    2. *Critical layers.* The top k' = 10 % of units by accuracy drop are left untouched, with
+       ``round_half_up(k'·units)`` units excluded and ties broken by model order. §6.1 writes k' = 10
+       and means 10 %.
+    3. *Mask M.* Inside every other unit, M = 1 on exactly ``round_half_up(k·n)`` entries (k = 0.1)
+       with the largest |τ'|, ties broken by position. Over the model this gives the paper's
+       k(1−k') fraction. The paper names no importance criterion. Task-vector magnitude is the one its
+       §3 describes for TIES trimming ("retaining only the top-k% parameters with the largest
+       magnitudes"), and it is also the quantity that Eq. 4 moves.
+    4. *Negation.* θ̂ = θ' − β M ⊙ τ' with β = 1 (Eq. 4, §6.1). It is evaluated as θ_pre + (1−β)τ' in
+       float64, so with β = 1 the negated entries are exactly θ_pre.
+
+    *Units* (``granularity``): "block" makes one unit per architecture-map layer (transformer block),
+    grouped with `ArchitectureMap.layer_of`. Every tensor outside the blocks (embeddings, final norms)
+    is grouped by its parent module. "module" makes one unit per leaf module (a Linear, a LayerNorm):
+    the paper calls ``model.norm.weight`` and ``lm_head.weight`` "layers", which points to this
+    finer reading.
+
+    *Tensors.* Stage 2 acts on every floating tensor of the body, the same tensors a merge combines.
+    That includes buffers such as BatchNorm statistics. Integer buffers are carried over unchanged.
+
+    *Language models.* "To prevent collapse in LLMs, we exclude ... model.embed_tokens.weight,
+    model.norm.weight, and lm_head.weight", while "ViT-based models undergo the full operation". With
+    ``exclude_lm_io="auto"``, the map's embeddings, final norms and head are excluded from evaluation
+    and negation when the map describes a causal LM: one with an in-body output head or with RoPE.
+
+    Ablations (Table 4): ``mergeguard-stage1`` runs stage 1 only. ``mergeguard-stage2`` runs stage 2
+    only, on the unregularised expert (θ' = θ_def).
+    """
+
+    name = "mergeguard"
+    version = "1"
+    Params = MergeGuardParams
+    paper = PAPER
+    code = ""
+    stages: ClassVar[tuple[int, ...]] = (1, 2)
+
+    def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
+        notes: dict[str, object] = {"stages": list(self.stages)}
+        body, head, released_head = expert.body, expert.head, None
+        if 1 in self.stages:
+            start = time.perf_counter()
+            refined = density_aware_finetune(expert, ctx, self.params)
+            notes["stage1_seconds"] = round(time.perf_counter() - start, 4)
+            body, head = refined.body, refined.head
+            released_head = head  # stage 1 retrained the head: the protected body only works with it
+        if 2 in self.stages:
+            body, _, stage2 = adversarial_weight_negation(body, head, ctx, self.params)
+            notes.update(stage2)
+        return Artifact(state=dict(body), head=released_head, notes=notes)
+
+
+@defenses.register("mergeguard-stage1")
+class MergeGuardStage1(MergeGuard):
+    """MergeGuard ablation (Table 4): density-aware fine-tuning only."""
+
+    name = "mergeguard-stage1"
+    Params = DensityParams
+    stages = (1,)
+
+
+@defenses.register("mergeguard-stage2")
+class MergeGuardStage2(MergeGuard):
+    """MergeGuard ablation (Table 4): adversarial weight negation only, on the unregularised expert."""
+
+    name = "mergeguard-stage2"
+    Params = NegationParams
+    stages = (2,)
