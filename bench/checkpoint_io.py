@@ -17,7 +17,6 @@ from bench.registry import merges
 from bench.weights import CheckpointError, open_checkpoint, save_state
 
 SHARD_BYTES = 2 * 1024**3
-_COPY_SUFFIXES = (".json", ".txt", ".model", ".jinja")
 
 
 def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out: str | os.PathLike, *, shard_bytes: int = SHARD_BYTES,
@@ -58,19 +57,27 @@ def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out: str | os.Pat
         final = f"model-{i:05d}-of-{total:05d}.safetensors"
         os.replace(out / name, out / final)
         index["weight_map"].update({k: final for k in keys})
-    (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=1, sort_keys=True))
+    (out / SHARD_INDEX).write_text(json.dumps(index, indent=1, sort_keys=True))
     return out
 
 
-def copy_side_files(src: str | os.PathLike, out: str | os.PathLike) -> None:
-    """Copy config and tokenizer files of an HF directory (not its weights) next to new weights."""
-    src, out = Path(src), Path(out)
-    if not src.is_dir() or out.suffix == ".safetensors":
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    for f in src.iterdir():
-        if f.is_file() and f.suffix in _COPY_SUFFIXES and f.name != "model.safetensors.index.json":
-            shutil.copy2(f, out / f.name)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".pkl")
+_NOTES = ("protection.json", "attack.json")
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def copy_side_files(src: Path, out: Path, *, shard_index: bool = True) -> list[str]:
+    """Config, tokenizer and other small files of an HF directory, never weights (pickled or not).
+
+    ``shard_index=False`` leaves out the shard index, for outputs whose shards are laid out anew.
+    """
+    copied = []
+    for f in sorted(Path(src).iterdir()):
+        if not f.is_file() or f.suffix in WEIGHT_SUFFIXES or f.name in _NOTES or (f.name == SHARD_INDEX and not shard_index):
+            continue
+        shutil.copy2(f, Path(out) / f.name)
+        copied.append(f.name)
+    return copied
 
 
 def merge_checkpoints(method_name: str, base: str, models: list[str], out: str, params: Mapping[str, str],
@@ -88,5 +95,7 @@ def merge_checkpoints(method_name: str, base: str, models: list[str], out: str, 
             raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
     meta = {"mergearena.method": method_name, "mergearena.params": json.dumps(method.spec(parsed)["params"], sort_keys=True)}
     result = write_sharded(method.merge_iter(base_sd, experts, parsed, seed=seed), out, metadata=meta)
-    copy_side_files(models[0] if Path(models[0]).is_dir() else base, out)
+    src = Path(models[0]) if Path(models[0]).is_dir() else Path(base)
+    if src.is_dir() and Path(out).suffix != ".safetensors":
+        copy_side_files(src, Path(out), shard_index=False)
     return result

@@ -7,6 +7,7 @@
     bench suite build|show NAME                                           # experts and their accuracy
     bench merge --method ties --base B --models A1 A2 --param k=0.2 --out OUT
     bench protect --defense D --model DIR --base DIR --out DIR
+    bench attack --attack realign,scale-division --artifact DIR --base DIR [--partner DIR] [--merge ta] --out DIR
     bench leaderboard export|build|serve
     bench reproduce --suite clip-vit-b32-ta8                              # baselines vs the published table
 
@@ -230,6 +231,21 @@ def cmd_protect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(args: argparse.Namespace) -> int:
+    from bench.attack_checkpoint import attack_checkpoint
+    from bench.plan import parse_param_args
+
+    merge_params = dict(p.split("=", 1) for p in args.merge_param) if args.merge_param else {}
+    note = attack_checkpoint([a.strip() for a in args.attack.split(",") if a.strip()], args.artifact, args.base, args.out,
+                             partners=args.partner, merge=args.merge, merge_params=merge_params,
+                             params=parse_param_args(args.param), family=args.family, data=args.data, seed=args.seed)
+    cost = note["cost"]
+    print(f"attacked {args.artifact} with {note['attack']['name']}" + (f", merged with {args.merge}" if args.merge else "")
+          + f" -> {args.out}")
+    print(f"  cost: {', '.join(f'{k} {v:.2f}s' for k, v in cost['seconds'].items())}; peak memory +{cost['peak_rss_mb_delta']:.0f} MB")
+    return 0
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from bench.store import Store
     from leaderboard import export as lb_export
@@ -336,6 +352,20 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
     pr.add_argument("--seed", type=int, default=0)
     pr.set_defaults(func=cmd_protect)
+
+    at = sub.add_parser("attack", help="attack a released checkpoint (and optionally merge it), outside any suite")
+    at.add_argument("--attack", required=True, help="attack name(s); a comma list runs them in order")
+    at.add_argument("--artifact", required=True, help="the released (protected) checkpoint")
+    at.add_argument("--base", required=True, help="θ_pre")
+    at.add_argument("--partner", action="append", default=[], help="a partner expert checkpoint (repeatable)")
+    at.add_argument("--merge", default=None, help="merge the attacked artifact with the partners by this method")
+    at.add_argument("--merge-param", action="append", default=[], metavar="KEY=VALUE")
+    at.add_argument("--param", action="append", default=[], metavar="ATTACK.KEY=VALUE")
+    at.add_argument("--family", default=None)
+    at.add_argument("--data", default=None, help="labelled data for attacks that train: FILE.jsonl or suite:NAME/TASK")
+    at.add_argument("--seed", type=int, default=0)
+    at.add_argument("--out", required=True, help="output directory (HF layout) or .safetensors file")
+    at.set_defaults(func=cmd_attack)
 
     lb = sub.add_parser("leaderboard", help="export results as JSON, build the static site, or serve it")
     lb.add_argument("action", choices=["export", "build", "serve"])

@@ -32,7 +32,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import shutil
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,7 @@ from torch import nn
 
 from bench import __version__
 from bench.artifact import Artifact
+from bench.checkpoint_io import WEIGHT_SUFFIXES, copy_side_files
 from bench.families.family import Family
 from bench.plugins import Defense, DefenseContext
 from bench.registry import defenses, suites
@@ -60,7 +60,6 @@ from bench.weights import (
 )
 
 DATA_FORMS = '--data FILE.jsonl (one {"text": ..., "label": ...} per line) or --data suite:NAME/TASK'
-_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".pkl")
 _CHECKPOINT_TASK = "checkpoint"
 
 
@@ -386,22 +385,11 @@ def _prepare_out(out: Path, sources: list[Path]) -> None:
         if resolved == src.resolve():
             raise ValueError(f"--out {out} is an input checkpoint; write the protected model somewhere else")
     if out.is_dir():
-        weights = [f for f in out.iterdir() if f.suffix in _WEIGHT_SUFFIXES or f.name.endswith(".index.json")]
+        weights = [f for f in out.iterdir() if f.suffix in WEIGHT_SUFFIXES or f.name.endswith(".index.json")]
         if weights and not (out / "protection.json").is_file():
             raise ValueError(f"--out {out} already holds model weights ({weights[0].name}); choose an empty directory")
         for f in weights:  # a previous protection's files, replaced now
             f.unlink()
-
-
-def copy_side_files(src: Path, out: Path) -> list[str]:
-    """Config, tokenizer and other small files of an HF directory, never weights (pickled or not)."""
-    copied = []
-    for f in sorted(src.iterdir()):
-        if not f.is_file() or f.suffix in _WEIGHT_SUFFIXES or f.name == "protection.json":
-            continue
-        shutil.copy2(f, out / f.name)
-        copied.append(f.name)
-    return copied
 
 
 def write_release(checkpoint: Checkpoint, tensors: StateDict, out: Path, variant: str | None) -> list[Path]:
