@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from test_protect import dirs, hidden, logits  # noqa: F401  (dirs is a fixture)
 
 from bench.attack_checkpoint import attack_checkpoint
 from bench.protect import protect_checkpoint
 from bench.weights import load_state
-from test_protect import WORDS, dirs, hidden, logits  # noqa: F401  (dirs is a fixture)
 
 
 def _body(model_dir: Path, prefix: str = "") -> dict[str, torch.Tensor]:
