@@ -8,6 +8,7 @@
     bench merge --method ties --base B --models A1 A2 --param k=0.2 --out OUT
     bench protect --defense D --model DIR --base DIR --out DIR
     bench attack --attack realign,scale-division --artifact DIR --base DIR [--partner DIR] [--merge ta] --out DIR
+    bench validate --defense NAME                                         # a plugin on tiny models of every family
     bench leaderboard export|build|serve
     bench reproduce --suite clip-vit-b32-ta8                              # baselines vs the published table
 
@@ -246,6 +247,19 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_validate(args: argparse.Namespace) -> int:
+    from tabulate import tabulate
+
+    from bench.validate import validate
+
+    params = dict(p.split("=", 1) for p in args.param) if args.param else {}
+    checks = validate(args.defense, params, seed=args.seed)
+    rows = [[c.family, c.status, f"{c.numbers['distance_expert']:.3g} -> {c.numbers['distance_artifact']:.3g}"
+             if "distance_artifact" in c.numbers else "", c.detail] for c in checks]
+    print(tabulate(rows, headers=["family", "check", "L2 from θ_pre (expert -> artifact)", "detail"], tablefmt="github"))
+    return 1 if any(c.status == "FAIL" for c in checks) else 0
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
     from bench.store import Store
     from leaderboard import export as lb_export
@@ -366,6 +380,12 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--seed", type=int, default=0)
     at.add_argument("--out", required=True, help="output directory (HF layout) or .safetensors file")
     at.set_defaults(func=cmd_attack)
+
+    va = sub.add_parser("validate", help="check a defense plugin on tiny models of every family (seconds)")
+    va.add_argument("--defense", required=True)
+    va.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    va.add_argument("--seed", type=int, default=0)
+    va.set_defaults(func=cmd_validate)
 
     lb = sub.add_parser("leaderboard", help="export results as JSON, build the static site, or serve it")
     lb.add_argument("action", choices=["export", "build", "serve"])
