@@ -21,6 +21,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
@@ -62,6 +63,27 @@ def load_source(source: Any) -> tuple[list[CellRecord], dict[str, dict[str, Any]
     if not all(isinstance(c, CellRecord) for c in cells):
         raise ExportError("an iterable source must hold only CellRecord objects")
     return cells, {}
+
+
+def withheld_suites(source: Any, records: Sequence[CellRecord]) -> dict[str, str]:
+    """Suites the leaderboard refuses to publish: those that pin a published table (real-scale
+    suites) and whose reproduction gate (`bench reproduce`) has not passed on this store."""
+    from bench.registry import suites
+    from bench.reproduce import gate_passed
+
+    out: dict[str, str] = {}
+    for name in sorted({c.suite for c in records}):
+        try:
+            cls = suites.get(name)
+        except Exception:  # a suite whose plugin is no longer installed cannot be gated
+            continue
+        if getattr(cls, "reference_table", None) is None:
+            continue
+        passed = gate_passed(source, name) if isinstance(source, (Store, str, os.PathLike)) else None
+        if passed is not True:
+            out[name] = ("its reproduction gate failed" if passed is False else "its reproduction gate has not run") + \
+                f"; run `bench reproduce --suite {name}`"
+    return out
 
 
 # ---------------------------------------------------------------- small helpers
@@ -331,6 +353,10 @@ def export(store: Any, out_dir: str | os.PathLike, *, attacks: Sequence[str] | N
     of (suite, defense) pairs no longer in the results are removed, so the directory mirrors the store.
     """
     records, runs = load_source(store)
+    withheld = withheld_suites(store, records)
+    for name, reason in withheld.items():
+        print(f"leaderboard: not publishing suite {name!r}: {reason}", file=sys.stderr)
+    records = [c for c in records if c.suite not in withheld]
     scores = scoring.score(records, attacks=attacks, utility_floor=utility_floor, n_bootstrap=n_bootstrap,
                            ci_level=ci_level, seed=seed)
     by_id = {c.cell_id: c for c in records}
