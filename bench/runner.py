@@ -28,10 +28,10 @@ import torch
 from bench.artifact import Artifact
 from bench.merging import MergeContext
 from bench.plan import Cell
-from bench.plugins import AttackContext, DefenseContext
+from bench.plugins import Attack, AttackContext, CompositeAttack, DefenseContext
 from bench.store import CellRecord, Metric, Store
 from bench.suite import Expert, Suite
-from bench.weights import hash_json, load_state, save_state, state_hash
+from bench.weights import StateDict, hash_json, load_state, save_state, state_hash
 
 #: Relative tolerance of the function-preservation check: max |Δlogit| <= tol * max(1, max |logit|).
 PRESERVATION_TOLERANCE = 1e-3
@@ -142,21 +142,32 @@ class Runner:
     def __post_init__(self) -> None:
         self.artifacts = ArtifactCache(self.suite.cache_dir)
         self.stages = StageCache(self.store, collect=self.collect_stages)
+        self._expert_hashes: dict[str, str] = {}
 
     # ------------------------------------------------------------ evaluation with a cache
 
-    def _evaluate(self, body: dict | Artifact, head: dict, task: str, merged: bool, body_hash: str | None = None) -> tuple[dict[str, float], bool]:
-        """Metrics of (body, head) on task; second value True when computed now."""
+    def _eval_key(self, body_hash: str, head: dict, task: str, merged: bool) -> str:
+        return "eval:" + hash_json({"body": body_hash, "head": state_hash(head), "task": task, "merged": merged,
+                                    "suite": self.suite.name, "recipe": self.suite.recipe_hash()})
+
+    def _evaluate(self, body: dict | Artifact | None, head: dict, task: str, merged: bool, body_hash: str | None = None) -> tuple[dict[str, float], bool]:
+        """Metrics of (body, head) on task; second value True when computed now (``body`` may be None
+        when the caller knows the evaluation is cached under ``body_hash``)."""
         if body_hash is None:
             body_hash = body.content_hash() if isinstance(body, Artifact) else state_hash(body)
-        key = "eval:" + hash_json({"body": body_hash, "head": state_hash(head), "task": task, "merged": merged,
-                                   "suite": self.suite.name, "recipe": self.suite.recipe_hash()})
+        key = self._eval_key(body_hash, head, task, merged)
         cached = self.stages.get(key)
         if cached is not None:
             return cached, False
         metrics = {k: float(v) for k, v in self.suite.evaluate(body, head, task, merged=merged).items()}
         self.stages.put(key, metrics)
         return metrics, True
+
+    def _body_hash(self, task: str, body: StateDict) -> str:
+        """Hash of an unprotected expert's body (computed once per runner)."""
+        if task not in self._expert_hashes:
+            self._expert_hashes[task] = state_hash(body)
+        return self._expert_hashes[task]
 
     def _metrics(self, role: str, task: str, values: dict[str, float]) -> list[Metric]:
         return [Metric(role, task, k, v, self.suite.higher_is_better) for k, v in sorted(values.items())]
@@ -246,27 +257,45 @@ class Runner:
         timings["prepare"] = round(time.time() - t0, 3)
         if prepared.variant is not None:
             raise RuntimeError(f"attack {cell.attack_label} left a structure-changed artifact; it cannot be merged")
-        t0 = time.time()
-        mctx = MergeContext(suite=suite, tasks=(cell.victim, *cell.partners),
-                            heads=[victim_head, *[p.head for p in partners]], seed=cell.seed)
-        merged = cell.merge.method.merge(suite.pretrained(), [prepared.state, *[p.body for p in partners]],
-                                         cell.merge.params, ctx=mctx, seed=cell.seed)
-        timings["merge"] = round(time.time() - t0, 3)
-        t0 = time.time()
-        merged = cell.attack.finish(merged, ctx)
-        timings["finish"] = round(time.time() - t0, 3)
-        merged_hash = state_hash(merged)
-        worked = True
+        # Merging is symmetric in its models, so they enter in task-name order: the unprotected merge
+        # seen from each victim is then one computation, cached under a key of its inputs.
+        prepared_hash = state_hash(prepared.state)
+        members = sorted([(cell.victim, prepared.state, victim_head, prepared_hash),
+                          *[(t, p.body, p.head, self._body_hash(t, p.body)) for t, p in zip(cell.partners, partners)]],
+                         key=lambda m: m[0])
+        mctx = MergeContext(suite=suite, tasks=tuple(m[0] for m in members), heads=[m[2] for m in members], seed=cell.seed)
+        merge_key = "merge:" + hash_json({"suite": suite.name, "base": suite.pretrained_hash(), "merge": cell.merge.spec(),
+                                          "seed": cell.seed, "members": [(m[0], m[3]) for m in members]})
+        heads = {m[0]: m[2] for m in members}
+        tasks = (cell.victim, *cell.partners)
+        merged: StateDict | None = None
+        known = self.stages.get(merge_key) if not _has_finish(cell.attack) else None
+        if known is not None and all(self.stages.get(self._eval_key(known["merged"], heads[t], t, True)) is not None for t in tasks):
+            merged_hash, timings["merge"], timings["finish"] = known["merged"], known["seconds"], 0.0
+        else:
+            t0 = time.time()
+            merged = cell.merge.method.merge(suite.pretrained(), [m[1] for m in members], cell.merge.params, ctx=mctx,
+                                             seed=cell.seed)
+            timings["merge"] = round(time.time() - t0, 3)
+            if not _has_finish(cell.attack):
+                self.stages.put(merge_key, {"merged": state_hash(merged), "seconds": timings["merge"]})
+            t0 = time.time()
+            merged = cell.attack.finish(merged, ctx)
+            timings["finish"] = round(time.time() - t0, 3)
+            merged_hash = state_hash(merged)
+            worked = True
         metrics = self._metrics("utility", cell.victim, utility)
         t0 = time.time()
-        for task, head in zip((cell.victim, *cell.partners), mctx.heads):
-            values, _ = self._evaluate(merged, head, task, merged=True, body_hash=merged_hash)
+        for task in tasks:
+            values, w = self._evaluate(merged, heads[task], task, merged=True, body_hash=merged_hash)
+            worked |= w
             metrics += self._metrics("merged", task, values)
         timings["evaluate"] = round(time.time() - t0, 3)
         prov = {
             "hashes": {"pretrained": suite.pretrained_hash(), "expert": meta["expert_hash"],
-                       "partners": [state_hash(p.body) for p in partners], "artifact": meta["artifact_hash"],
-                       "prepared": state_hash(prepared.state), "merged": merged_hash},
+                       "partners": [self._body_hash(t, p.body) for t, p in zip(cell.partners, partners)],
+                       "artifact": meta["artifact_hash"],
+                       "prepared": prepared_hash, "merged": merged_hash},
             "timings": timings,
             "attack_cost": {"seconds": round(timings["prepare"] + timings["finish"], 3),
                             "peak_rss_mb_delta": round(peak_rss_mb() - rss0, 1)},
@@ -274,6 +303,12 @@ class Runner:
             "flags": {"function_preservation": meta.get("function_preservation")},
         }
         return metrics, prov, worked
+
+
+def _has_finish(attack: Attack) -> bool:
+    """Whether the attack changes the merged body (then the merge alone does not determine the result)."""
+    steps = attack.steps if isinstance(attack, CompositeAttack) else (attack,)
+    return any(type(s).finish is not Attack.finish for s in steps)
 
 
 # ---------------------------------------------------------------- driving a plan

@@ -180,3 +180,16 @@ def test_sharded_output_has_an_index(tmp_path) -> None:
     loaded = open_checkpoint(out)
     assert sorted(loaded) == sorted(n for n, _ in tensors)
     assert torch.equal(loaded["t4"], torch.full((256,), 4.0))
+
+
+def test_the_unprotected_merge_is_computed_once_for_every_victim(toy_suite, tmp_path) -> None:
+    plan = build_plan(toy_suite, defense="none", merge="ta")
+    with Store(tmp_path / "r.sqlite") as store:
+        run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
+        merge_keys = store._conn.execute("SELECT COUNT(*) FROM stages WHERE key LIKE 'merge:%'").fetchone()[0]
+        cells = store.cells(kind="merge")
+    assert len(cells) == 3 and merge_keys == 1
+    assert len({c.provenance["hashes"]["merged"] for c in cells}) == 1
+    # the same merged model is evaluated on every task, whichever task is the victim
+    by_victim = {c.victim: {m.task: m.value for m in c.metrics if m.role == "merged"} for c in cells}
+    assert by_victim["t10"] == by_victim["t20"] == by_victim["t30"]
