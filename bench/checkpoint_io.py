@@ -81,8 +81,9 @@ def copy_side_files(src: Path, out: Path, *, shard_index: bool = True) -> list[s
 
 
 def merge_checkpoints(method_name: str, base: str, models: list[str], out: str, params: Mapping[str, str],
-                      seed: int = 0) -> Path:
-    """Merge ``models`` onto ``base`` with a tensor-wise method and write the result."""
+                      seed: int = 0, *, shard_bytes: int = SHARD_BYTES) -> Path:
+    """Merge ``models`` onto ``base`` with a tensor-wise method and write the result (shards of at most
+    ``shard_bytes`` when ``out`` is a directory: the shard being filled is the largest buffer held)."""
     method = merges.get(method_name)
     if not method.tensorwise:
         raise CheckpointError(f"merge method {method_name!r} learns its coefficients on task data; use it through `bench run`")
@@ -94,7 +95,8 @@ def merge_checkpoints(method_name: str, base: str, models: list[str], out: str, 
         if missing:
             raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
     meta = {"mergearena.method": method_name, "mergearena.params": json.dumps(method.spec(parsed)["params"], sort_keys=True)}
-    result = write_sharded(method.merge_iter(base_sd, experts, parsed, seed=seed), out, metadata=meta)
+    result = write_sharded(method.merge_iter(base_sd, experts, parsed, seed=seed), out, shard_bytes=shard_bytes,
+                           metadata=meta)
     src = Path(models[0]) if Path(models[0]).is_dir() else Path(base)
     if src.is_dir() and Path(out).suffix != ".safetensors":
         copy_side_files(src, Path(out), shard_index=False)
