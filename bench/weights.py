@@ -66,11 +66,11 @@ def clone(state: Mapping[str, torch.Tensor]) -> StateDict:
 
 def l2_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
     """Euclidean distance over the mergeable tensors both share."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = 0.0
     for k, v in a.items():
         if k in b and is_mergeable(v) and v.shape == b[k].shape:
-            total += (v.double() - b[k].double()).pow(2).sum()
-    return float(total.sqrt())
+            total += float((v.double() - b[k].to(v.device).double()).pow(2).sum())
+    return total**0.5
 
 
 # ---------------------------------------------------------------- hashing
