@@ -30,7 +30,7 @@ from bench.merging import MergeContext
 from bench.plan import Cell
 from bench.plugins import Attack, AttackContext, CompositeAttack, DefenseContext
 from bench.store import CellRecord, Metric, Store
-from bench.suite import Expert, Suite
+from bench.suite import Expert, NotApplicableError, Suite
 from bench.weights import StateDict, hash_json, load_state, save_state, state_hash
 
 #: Relative tolerance of the function-preservation check: max |Δlogit| <= tol * max(1, max |logit|).
@@ -187,6 +187,8 @@ class Runner:
                 metrics, prov, worked = self._baseline(cell)
             else:
                 metrics, prov, worked = self._merge_cell(cell)
+        except NotApplicableError as exc:  # discovered only when running (a suite without a fine-tuning recipe)
+            return CellOutcome(CellRecord(status="na", reason=str(exc), **base_fields), True)
         except Exception as exc:  # a failing plugin fails its cell, not the run
             reason = f"{type(exc).__name__}: {exc}"
             prov = {"traceback": traceback.format_exc(limit=8), "wall_seconds": time.time() - start}

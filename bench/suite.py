@@ -34,6 +34,11 @@ def default_cache_dir() -> Path:
     return Path(base) / "mergearena"
 
 
+class NotApplicableError(Exception):
+    """An operation a suite or family does not have by design (a given-expert suite has no fine-tuning
+    recipe; a CNN block cannot take a replacement feed-forward)."""
+
+
 class MissingAssetError(Exception):
     """A data or model package the suite needs is not installed; the message says how to install it."""
 

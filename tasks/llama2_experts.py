@@ -72,7 +72,7 @@ from bench.artifact import Artifact
 from bench.checkpoint_io import write_sharded
 from bench.families.llama import LlamaFamily
 from bench.registry import merges, suites
-from bench.suite import Batch, Expert, MissingAssetError, Regularizer, Split, Suite
+from bench.suite import Batch, Expert, MissingAssetError, NotApplicableError, Regularizer, Split, Suite
 from bench.weights import CheckpointError, LazyStateDict, StateDict, open_checkpoint, state_hash
 from tasks import humaneval, lm_eval_bridge
 from tasks.lm_smollm2 import CausalLM, answer_token_loss, check_no_head, lm_batch
@@ -468,7 +468,7 @@ class Llama2Experts(Suite):
 
     def finetune(self, task: str, body: StateDict, head: StateDict | None = None, *, seed: int = 0,
                  regularizer: Regularizer | None = None, steps: int | None = None) -> Expert:
-        raise NotImplementedError(
+        raise NotApplicableError(
             f"suite {self.name!r} uses released expert checkpoints ({', '.join(self.models[t] for t in self.TASKS)}) "
             "and has no fine-tuning recipe; defenses that re-fine-tune an expert cannot run on it"
         )

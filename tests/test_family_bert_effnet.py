@@ -14,6 +14,7 @@ from bench.families.base import ATTENTION, BATCHNORM, CHANNEL_BLOCK, MLP, get_qk
 from bench.families.bert import BertFamily, random_state
 from bench.families.efficientnet import EfficientNetFamily
 from bench.registry import families
+from bench.suite import NotApplicableError
 
 
 def _minilm_config() -> transformers.BertConfig:
@@ -256,5 +257,5 @@ def test_effnet_mlp_projection_output_is_the_preactivation(lite0):
 
 def test_effnet_install_mlp_says_taylor_ffn_does_not_apply(lite0):
     family, _ = lite0
-    with pytest.raises(NotImplementedError, match="Taylor FFN"):
+    with pytest.raises(NotApplicableError, match="Taylor FFN"):
         family.install_mlp(family.new_module(), 1, nn.Identity())

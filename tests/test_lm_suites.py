@@ -19,7 +19,7 @@ from bench.checkpoint_io import write_sharded
 from bench.families.base import ATTENTION, GATED_MLP, GQA, MLP, ROPE
 from bench.families.tiny import tiny
 from bench.registry import merges, suites
-from bench.suite import MissingAssetError
+from bench.suite import MissingAssetError, NotApplicableError
 from bench.weights import CheckpointError
 from tasks import humaneval, lm_eval_bridge
 from tasks import llama2_experts as l2
@@ -427,7 +427,7 @@ def test_llama2_load_evaluate_path_runs_lm_eval_on_tiny_checkpoints(llama2_suite
 
 
 def test_llama2_experts_are_given_and_missing_assets_name_what_to_set(llama2_suite, llama2_dirs, monkeypatch):
-    with pytest.raises(NotImplementedError, match="released expert checkpoints"):
+    with pytest.raises(NotApplicableError, match="released expert checkpoints"):
         llama2_suite.finetune("math", {})
     missing = l2.Llama2Experts(models={"math": str(llama2_dirs / "nowhere")})
     with pytest.raises(MissingAssetError, match="MERGEARENA_WIZARDMATH_13B"):

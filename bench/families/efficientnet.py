@@ -26,7 +26,7 @@ from torch import nn
 from bench.families.base import BATCHNORM, CHANNEL_BLOCK, ArchitectureMap, LayerMap, MLPMap
 from bench.families.family import Family
 from bench.registry import families
-from bench.suite import MissingAssetError
+from bench.suite import MissingAssetError, NotApplicableError
 from bench.weights import CheckpointError, StateDict
 
 try:  # a declared dependency; without it, new_module raises MissingAssetError naming the install command
@@ -82,7 +82,7 @@ class EfficientNetFamily(Family):
         return module
 
     def install_mlp(self, module: nn.Module, layer: int, mlp: nn.Module) -> None:
-        raise NotImplementedError(
+        raise NotApplicableError(
             "EfficientNet MBConv blocks have BatchNorm and a depthwise conv between expand and project convs; "
             "a replacement feed-forward (Taylor FFN) does not apply to them"
         )
