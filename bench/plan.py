@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
-from bench.merging import MergeMethod
+from bench.merging import MergeMethod, merge_method_by_name
 from bench.params import params_dict, parse_params
 from bench.plugins import DEFAULT_BUDGET, Attack, AttackNeeds, CompositeAttack, Defense
 from bench.registry import attacks, defenses, merges
@@ -35,6 +35,15 @@ class MergeChoice:
 
     def spec(self) -> dict[str, Any]:
         return self.method.spec(self.params)
+
+    def __reduce__(self) -> tuple:
+        # The params class is made at registration time, so it pickles as its values (for worker processes).
+        return (_merge_choice, (self.method.name, {f.name: getattr(self.params, f.name) for f in fields(self.params)}))
+
+
+def _merge_choice(name: str, values: dict[str, Any]) -> MergeChoice:
+    method = merge_method_by_name(name)
+    return MergeChoice(method, method.Params(**values))
 
 
 @dataclass(frozen=True)

@@ -193,3 +193,28 @@ def test_the_unprotected_merge_is_computed_once_for_every_victim(toy_suite, tmp_
     # the same merged model is evaluated on every task, whichever task is the victim
     by_victim = {c.victim: {m.task: m.value for m in c.metrics if m.role == "merged"} for c in cells}
     assert by_victim["t10"] == by_victim["t20"] == by_victim["t30"]
+
+
+def test_process_pool_agrees_with_serial_run_and_logs_each_cell(toy_suite, tmp_path, monkeypatch) -> None:
+    plan = build_plan(toy_suite, defense="toy-scale", merge="ta,wa", victims=["t10", "t20"])
+    with Store(tmp_path / "serial.sqlite") as store:
+        run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
+        serial = {r.cell_id: [(m.role, m.task, round(m.value, 6)) for m in r.metrics] for r in store.cells()}
+    monkeypatch.setenv("MERGEARENA_QUIET", "0")  # not a terminal: one log line per finished cell
+    lines: list[str] = []
+    with Store(tmp_path / "pool.sqlite") as store:
+        summary = run_local(toy_suite, store, plan.cells, run_id="b", jobs=2, log=lines.append)
+        pooled = {r.cell_id: [(m.role, m.task, round(m.value, 6)) for m in r.metrics] for r in store.cells()}
+    assert summary.ok == len(plan.cells) and pooled == serial
+    progress = [line for line in lines if line.startswith("[")]
+    assert len(progress) == len(plan.cells) and progress[-1].startswith(f"[{len(plan.cells)}/{len(plan.cells)}]")
+
+
+def test_merges_that_train_run_after_every_cheap_cell(toy_suite) -> None:
+    from bench.executors.local import group_cells, trains_to_merge
+
+    plan = build_plan(toy_suite, defense="toy-scale", merge="adamerging-task,ta,wa")
+    order = [c for g in group_cells(plan.cells) for c in g]
+    assert sorted(c.cell_id for c in order) == sorted(c.cell_id for c in plan.cells)
+    kinds = ["baseline" if c.kind == "baseline" else ("trains" if trains_to_merge(c) else "cheap") for c in order]
+    assert "trains" in kinds and kinds == sorted(kinds, key=["baseline", "cheap", "trains"].index)

@@ -2,7 +2,8 @@
 
 Only this driver writes cells to the store; workers return records. Experts are built here first
 so that workers only read them from the cache. Cells are grouped by (victim, partners, defense,
-seed) so the artifact of a group is computed once and shared by its attacks and merges.
+seed); a group's first cell computes the artifact (cached on disk), then its other cells run one per
+task, so the artifact is computed once and each finished cell is stored as soon as it returns.
 """
 
 from __future__ import annotations
@@ -25,16 +26,26 @@ from bench.store import CellRecord, Store
 from bench.suite import Suite
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
 def _progress_enabled() -> bool:
     return sys.stderr.isatty() and os.environ.get("MERGEARENA_QUIET") != "1"
 
 
+def trains_to_merge(cell: Cell) -> bool:
+    """Cells whose merge method learns on task data (AdaMerging): one costs as much as dozens of others."""
+    return cell.merge is not None and cell.merge.method.needs_data
+
+
 def group_cells(cells: Sequence[Cell]) -> list[list[Cell]]:
+    """Cells sharing an artifact, in running order: baselines (cheap, they fill the evaluation cache),
+    then every group's cheap merges, then the merges that train, so a stopped run has the most cells."""
     groups: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
-        groups[(c.kind, c.victim, c.partners, c.defense_label, c.seed)].append(c)
-    # baselines first: they are cheap and fill the evaluation cache
-    return sorted(groups.values(), key=lambda g: g[0].kind != "baseline")
+        groups[(trains_to_merge(c), c.kind, c.victim, c.partners, c.defense_label, c.seed)].append(c)
+    return sorted(groups.values(), key=lambda g: (g[0].kind != "baseline", trains_to_merge(g[0])))
 
 
 def build_experts(suite: Suite, cells: Sequence[Cell], log: Callable[[str], None]) -> None:
@@ -46,7 +57,7 @@ def build_experts(suite: Suite, cells: Sequence[Cell], log: Callable[[str], None
 
 
 def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str, jobs: int = 1,
-              log: Callable[[str], None] = print, on_record: Callable[[CellRecord], None] | None = None) -> RunSummary:
+              log: Callable[[str], None] = _say, on_record: Callable[[CellRecord], None] | None = None) -> RunSummary:
     t0 = time.time()
     todo, skipped = pending(cells, store)
     summary = RunSummary(total=len(cells), skipped=skipped)
@@ -62,6 +73,13 @@ def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str,
             summary.worked += int(worked)
             if on_record:
                 on_record(rec)
+        if not bar.disable:
+            return
+        if os.environ.get("MERGEARENA_QUIET") != "1":  # a log file gets one line per cell instead of a bar
+            done = summary.ok + summary.na + summary.failed
+            seconds = rec.provenance.get("wall_seconds") if rec.provenance else None
+            log(f"[{done}/{len(todo)}] {rec.kind} {rec.victim} {rec.defense or '-'}/{rec.attack or '-'}/{rec.merge or '-'}: "
+                f"{rec.status}" + (f" in {seconds:.1f}s" if seconds is not None else ""))
 
     bar = tqdm(total=len(todo), desc=f"{suite.name} cells", unit="cell", disable=not _progress_enabled())
     if jobs <= 1:
@@ -76,7 +94,14 @@ def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str,
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
                                  initargs=(suite.name, str(suite.cache_dir), str(store.path), run_id, threads)) as pool:
-            futures = {pool.submit(_run_group, g) for g in group_cells(todo)}
+            # A group's first cell computes its artifact (cached on disk); the rest then run one cell per
+            # task, so every finished cell reaches the store at once and a killed run loses little.
+            rest: dict = {}
+            futures = set()
+            for g in group_cells(todo):
+                first = pool.submit(_run_group, g[:1])
+                rest[first] = g[1:]
+                futures.add(first)
             while futures:
                 finished, futures = wait(futures, return_when=FIRST_COMPLETED)
                 for f in finished:
@@ -86,6 +111,7 @@ def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str,
                     for rec, worked in results:
                         record(rec, worked)
                         bar.update(1)
+                    futures |= {pool.submit(_run_group, [c]) for c in rest.pop(f, [])}
     bar.close()
     summary.seconds = time.time() - t0
     return summary
