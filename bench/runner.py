@@ -329,7 +329,7 @@ class RunSummary:
 
 
 def pending(cells: Iterable[Cell], store: Store) -> tuple[list[Cell], int]:
-    """Cells not yet in the store (hashing only: no model is loaded)."""
+    """Cells not yet in the store, or stored as failed (hashing only: no model is loaded)."""
     cells = list(cells)
     done = store.done_cells(c.cell_id for c in cells)
     todo, seen = [], set(done)

@@ -168,17 +168,22 @@ class Store:
         return self._conn.execute("SELECT 1 FROM cells WHERE cell_id = ?", (cell_id,)).fetchone() is not None
 
     def done_cells(self, cell_ids: Iterable[str]) -> set[str]:
+        """The ids among ``cell_ids`` stored as ok or N/A (a failed cell is not done: runs retry it)."""
         ids = list(cell_ids)
         done: set[str] = set()
         for i in range(0, len(ids), 500):
             chunk = ids[i : i + 500]
-            q = f"SELECT cell_id FROM cells WHERE cell_id IN ({','.join('?' * len(chunk))})"
+            q = f"SELECT cell_id FROM cells WHERE status != 'failed' AND cell_id IN ({','.join('?' * len(chunk))})"
             done.update(r[0] for r in self._conn.execute(q, chunk))
         return done
 
     def put_cell(self, rec: CellRecord) -> bool:
-        """Store a cell and its metrics atomically; False when the cell was already stored."""
+        """Store a cell and its metrics atomically; False when the cell was already stored. A stored
+        failure is replaced (failed cells are retried by the next run)."""
         with self._tx() as c:
+            c.execute("DELETE FROM metrics WHERE cell_id IN (SELECT cell_id FROM cells WHERE cell_id = ? AND status = 'failed')",
+                      (rec.cell_id,))
+            c.execute("DELETE FROM cells WHERE cell_id = ? AND status = 'failed'", (rec.cell_id,))
             cur = c.execute(
                 "INSERT OR IGNORE INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (rec.cell_id, rec.run_id, rec.kind, rec.suite, rec.victim, ",".join(rec.partners), rec.defense,

@@ -79,7 +79,7 @@ def tensor_digest(t: torch.Tensor) -> bytes:
     t = t.detach().contiguous().cpu()
     h = hashlib.sha256()
     h.update(f"{t.dtype}|{tuple(t.shape)}|".encode())
-    h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.digest()
 
 

@@ -194,7 +194,7 @@ def dare(expert: torch.Tensor, base: torch.Tensor, p: float, generator: torch.Ge
     """θ_pre + m ⊙ τ / (1 − p) with m ~ Bernoulli(1 − p) per entry; returns the tensor and how many entries dropped."""
     if p == 0:
         return expert, 0
-    keep = torch.rand(expert.shape, generator=generator) >= p
+    keep = (torch.rand(expert.shape, generator=generator) >= p).to(expert.device)  # the generator is a CPU one
     tau = expert.double() - base.double()
     out = base.double() + torch.where(keep, tau / (1 - p), torch.zeros_like(tau))
     return out.to(expert.dtype), int((~keep).sum())

