@@ -158,7 +158,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 if rec.status == "failed":
                     print(f"  failed {rec.defense}/{rec.attack}/{rec.merge} on {rec.victim}: {rec.reason}", file=sys.stderr)
         ids = {c.cell_id for c in plan.cells}
-        print(summary_tables([r for r in store.cells(suite=plan.suite.name) if r.cell_id in ids]))
+        print(summary_tables([r for r in store.cells(suite=plan.suite.name) if r.cell_id in ids], tasks=plan.suite.tasks))
     store.finish_run(run_id)
     return exit_code
 

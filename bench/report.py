@@ -33,13 +33,14 @@ def _pivot(df: pd.DataFrame, index: list[str], tasks: list[str]) -> pd.DataFrame
     return table
 
 
-def summary_tables(records: Sequence[CellRecord], metric: str = "accuracy") -> str:
-    """Standalone accuracy (θ_pre, experts, protected artifacts) and merged victim accuracy per cell."""
+def summary_tables(records: Sequence[CellRecord], metric: str = "accuracy", tasks: Sequence[str] = ()) -> str:
+    """Standalone accuracy (θ_pre, experts, protected artifacts) and merged victim accuracy per cell;
+    columns in the order of ``tasks`` (the suite's), then any other victim by name."""
     df = results_frame(records)
     if df.empty or df["metric"].isna().all():
         return "no results"
     ok = df[(df.status == "ok") & (df.metric == metric)]
-    tasks = list(dict.fromkeys(ok.sort_values("cell_id")["victim"]))
+    tasks = [t for t in tasks if t in set(ok["victim"])] + sorted(set(ok["victim"]) - set(tasks))
     parts = []
     base = ok[ok.role.isin(["pretrained", "expert"])]
     util = ok[ok.role == "utility"].assign(role=lambda d: "protected: " + d.defense)

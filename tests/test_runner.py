@@ -218,3 +218,14 @@ def test_merges_that_train_run_after_every_cheap_cell(toy_suite) -> None:
     assert sorted(c.cell_id for c in order) == sorted(c.cell_id for c in plan.cells)
     kinds = ["baseline" if c.kind == "baseline" else ("trains" if trains_to_merge(c) else "cheap") for c in order]
     assert "trains" in kinds and kinds == sorted(kinds, key=["baseline", "cheap", "trains"].index)
+
+
+def test_summary_tables_follow_the_suite_task_order(toy_suite, tmp_path) -> None:
+    from bench.report import summary_tables
+
+    plan = build_plan(toy_suite, defense="none", merge="ta")
+    with Store(tmp_path / "r.sqlite") as store:
+        run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
+        text = summary_tables(store.cells(), tasks=["t30", "t10", "t20"])
+    header = next(line for line in text.splitlines() if "t10" in line)
+    assert header.index("t30") < header.index("t10") < header.index("t20") < header.index("mean")
