@@ -21,7 +21,10 @@ Choices where this harness differs from, or must pin down, the official scripts:
   in-body head, and one per remaining tensor.
 * **Which tensors.** Every floating-point tensor of the body is merged with its group's λ, float
   buffers (BatchNorm statistics) included, as task arithmetic over state dicts does; the official
-  ViT has no float buffers. Integer buffers are carried over from θ_pre.
+  ViT has no float buffers. Integer buffers are carried over from θ_pre. In the entropy objective
+  the merged buffers are constants (detached): running statistics are estimates, not parameters
+  (batch norm is not differentiable in them), and suites with BatchNorm recalibrate them after
+  the merge anyway; λ learns from the weights alone.
 * **Schedule.** The paper runs 500 Adam steps at lr 1e-3, each step on 2 freshly shuffled batches of
   16 test inputs per task (``if i > 0: break``). A step costs a forward and backward pass of every
   task model, far too slow on CPU for 500 steps, so the default is ``steps=100`` at ``lr=5e-3``:
@@ -162,9 +165,11 @@ class _TaskForward:
     model: nn.Module
     prefix: str
     pool: list[dict[str, torch.Tensor]]
+    buffers: frozenset[str] = frozenset()
+    """Body buffer names (BatchNorm statistics): merged with λ but constants of the objective."""
 
     def entropy(self, merged: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        params = {self.prefix + k: v for k, v in merged.items()}
+        params = {self.prefix + k: (v.detach() if k in self.buffers else v) for k, v in merged.items()}
         logits = functional_call(self.model, params, args=(), kwargs=dict(inputs), tie_weights=True, strict=False)
         return prediction_entropy(logits, inputs.get("attention_mask"))
 
@@ -193,7 +198,7 @@ def _task_forwards(base: StateDict, ctx: MergeContext, keys: Sequence[str], samp
         if unknown:
             raise CheckpointError(f"suite {ctx.suite.name!r}'s body module has no tensor(s) {unknown[:3]} of the merged state")
         pool = unlabelled_pool(ctx.suite, task, samples=samples, batch_size=batch_size, seed=ctx.seed)
-        forwards.append(_TaskForward(model, prefix, pool))
+        forwards.append(_TaskForward(model, prefix, pool, frozenset(name for name, _ in model.body.named_buffers())))
     return forwards
 
 

@@ -446,3 +446,47 @@ def test_prediction_entropy_ignores_padded_positions():
     masked = prediction_entropy(logits, T([[1, 0]]))
     assert math.isclose(float(masked), math.log(3), rel_tol=1e-6)
     assert math.isclose(float(prediction_entropy(logits)), math.log(3) / 2, rel_tol=1e-5)
+
+
+class TinyBNBody(TinyBody):
+    """TinyBody with BatchNorm after the embedding (float running statistics in the state)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.layers(self.bn(self.embed(x))))
+
+
+class TinyBNSuite(TinySuite):
+    name = "tiny-fake-bn"
+
+    def load_pretrained(self) -> StateDict:
+        torch.manual_seed(0)
+        body = TinyBNBody()
+        body.bn.running_mean.normal_()
+        body.bn.running_var.uniform_(0.5, 2.0)
+        return body.state_dict()
+
+    def task_model(self, body, head, task: str) -> nn.Module:
+        module = TinyTaskModel(TinyBNBody(), nn.Linear(8, 3))
+        module.body.load_state_dict(body)
+        module.head.load_state_dict(head)
+        return module.eval()
+
+
+def test_adamerging_merges_batchnorm_statistics_without_differentiating_them(tmp_path):
+    suite = TinyBNSuite(cache_dir=tmp_path)
+    base = suite.pretrained()
+    torch.manual_seed(1)
+    experts = [{k: v + 0.5 * torch.rand_like(v) if v.is_floating_point() else v + 3 for k, v in base.items()}
+               for _ in suite.tasks]
+    heads = [{"weight": 2.0 * torch.randn(3, 8), "bias": torch.zeros(3)} for _ in suite.tasks]
+    ctx = MergeContext(suite=suite, tasks=suite.tasks, heads=heads, seed=0)
+    result = learn_coefficients(base, experts, ctx, granularity="task", clamp=True, measure=True, **ADA_FAST)
+    lam = result.coefficients[0]
+    assert result.entropy_after < result.entropy_before
+    for k in ("bn.running_mean", "bn.running_var"):  # the statistics follow the learned λ like the weights
+        expected = base[k] + sum(lam[i] * (e[k] - base[k]) for i, e in enumerate(experts))
+        assert torch.allclose(result.state[k], expected, atol=1e-6)
