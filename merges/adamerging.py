@@ -21,10 +21,12 @@ Choices where this harness differs from, or must pin down, the official scripts:
   in-body head, and one per remaining tensor.
 * **Which tensors.** Every floating-point tensor of the body is merged with its group's λ, float
   buffers (BatchNorm statistics) included, as task arithmetic over state dicts does; the official
-  ViT has no float buffers. Integer buffers are carried over from θ_pre. In the entropy objective
-  the merged buffers are constants (detached): running statistics are estimates, not parameters
-  (batch norm is not differentiable in them), and suites with BatchNorm recalibrate them after
-  the merge anyway; λ learns from the weights alone.
+  ViT has no float buffers. Integer buffers are carried over from θ_pre.
+* **BatchNorm** (CNN suites; the official code has none). Merged running statistics are not the
+  statistics of any network (a merged variance can even turn negative), so in the entropy
+  objective BatchNorm layers normalise with the statistics of each batch, which is what the
+  suites' post-merge recalibration estimates; other float buffers are constants of the objective.
+  A non-finite loss stops the merge with an error instead of returning NaN weights.
 * **Schedule.** The paper runs 500 Adam steps at lr 1e-3, each step on 2 freshly shuffled batches of
   16 test inputs per task (``if i > 0: break``). A step costs a forward and backward pass of every
   task model, far too slow on CPU for 500 steps, so the default is ``steps=100`` at ``lr=5e-3``:
@@ -166,12 +168,28 @@ class _TaskForward:
     prefix: str
     pool: list[dict[str, torch.Tensor]]
     buffers: frozenset[str] = frozenset()
-    """Body buffer names (BatchNorm statistics): merged with λ but constants of the objective."""
+    """Body buffers the model still uses: merged with λ but constants of the objective."""
+    batch_statistics: frozenset[str] = frozenset()
+    """BatchNorm running statistics, which the objective replaces by batch statistics."""
 
     def entropy(self, merged: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        params = {self.prefix + k: (v.detach() if k in self.buffers else v) for k, v in merged.items()}
+        params = {self.prefix + k: (v.detach() if k in self.buffers else v) for k, v in merged.items()
+                  if k not in self.batch_statistics}
         logits = functional_call(self.model, params, args=(), kwargs=dict(inputs), tie_weights=True, strict=False)
         return prediction_entropy(logits, inputs.get("attention_mask"))
+
+
+def use_batch_statistics(body: nn.Module) -> frozenset[str]:
+    """Make every BatchNorm of ``body`` normalise with batch statistics (no running statistics kept or
+    updated, in train and eval mode alike); returns the names of the running-statistics buffers removed."""
+    removed = set()
+    for name, module in body.named_modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+            prefix = f"{name}." if name else ""
+            removed |= {prefix + "running_mean", prefix + "running_var", prefix + "num_batches_tracked"}
+            module.track_running_stats = False
+            module.running_mean = module.running_var = module.num_batches_tracked = None
+    return frozenset(removed)
 
 
 def unlabelled_pool(suite: Any, task: str, *, samples: int, batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
@@ -198,7 +216,8 @@ def _task_forwards(base: StateDict, ctx: MergeContext, keys: Sequence[str], samp
         if unknown:
             raise CheckpointError(f"suite {ctx.suite.name!r}'s body module has no tensor(s) {unknown[:3]} of the merged state")
         pool = unlabelled_pool(ctx.suite, task, samples=samples, batch_size=batch_size, seed=ctx.seed)
-        forwards.append(_TaskForward(model, prefix, pool, frozenset(name for name, _ in model.body.named_buffers())))
+        stats = use_batch_statistics(model.body)
+        forwards.append(_TaskForward(model, prefix, pool, frozenset(name for name, _ in model.body.named_buffers()), stats))
     return forwards
 
 
@@ -245,10 +264,13 @@ def learn_coefficients(base: StateDict, experts: Sequence[StateDict], ctx: Merge
     losses = []
     cursors = [itertools.cycle(range(len(f.pool))) for f in forwards]
     with torch.enable_grad():
-        for _ in range(steps):
+        for step in range(steps):
             merged = body(effective())
             loss = sum(f.entropy(merged, f.pool[next(c)]) for f, c in zip(forwards, cursors)
                        for _ in range(batches_per_step))
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"AdaMerging's entropy became {float(loss)} at step {step}; "
+                                         "lower lr or check the task models")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -265,7 +287,7 @@ def learn_coefficients(base: StateDict, experts: Sequence[StateDict], ctx: Merge
 # ---------------------------------------------------------------- the two registered methods
 
 
-@merge_method("adamerging-task", tensorwise=False, needs_data=True, paper=ADAMERGING_PAPER)
+@merge_method("adamerging-task", tensorwise=False, needs_data=True, version="2", paper=ADAMERGING_PAPER)
 def adamerging_task(base: StateDict, experts: list[StateDict], *, ctx: MergeContext, steps: int = 100,
                     lr: float = 5e-3, prior: float = 0.3, batch_size: int = 16, batches_per_step: int = 2,
                     samples: int = 256, clamp: bool = True) -> StateDict:
@@ -280,7 +302,7 @@ def adamerging_task(base: StateDict, experts: list[StateDict], *, ctx: MergeCont
                               clamp=clamp).state
 
 
-@merge_method("adamerging-layer", tensorwise=False, needs_data=True, paper=ADAMERGING_PAPER)
+@merge_method("adamerging-layer", tensorwise=False, needs_data=True, version="2", paper=ADAMERGING_PAPER)
 def adamerging_layer(base: StateDict, experts: list[StateDict], *, ctx: MergeContext, steps: int = 100,
                      lr: float = 5e-3, prior: float = 0.3, batch_size: int = 16, batches_per_step: int = 2,
                      samples: int = 256, clamp: bool = True,

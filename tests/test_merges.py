@@ -490,3 +490,19 @@ def test_adamerging_merges_batchnorm_statistics_without_differentiating_them(tmp
     for k in ("bn.running_mean", "bn.running_var"):  # the statistics follow the learned λ like the weights
         expected = base[k] + sum(lam[i] * (e[k] - base[k]) for i, e in enumerate(experts))
         assert torch.allclose(result.state[k], expected, atol=1e-6)
+
+
+def test_adamerging_objective_uses_batch_statistics_not_merged_running_ones(tmp_path):
+    suite = TinyBNSuite(cache_dir=tmp_path)
+    base = suite.pretrained()
+    torch.manual_seed(2)
+    experts = [{k: v + 0.5 * torch.rand_like(v) if v.is_floating_point() else v for k, v in base.items()}
+               for _ in suite.tasks]
+    # running statistics whose merge would be a negative variance: they must not matter
+    odd = [{**e, "bn.running_var": torch.full_like(e["bn.running_var"], -5.0)} for e in experts]
+    heads = [{"weight": 2.0 * torch.randn(3, 8), "bias": torch.zeros(3)} for _ in suite.tasks]
+    ctx = MergeContext(suite=suite, tasks=suite.tasks, heads=heads, seed=0)
+    a = learn_coefficients(base, experts, ctx, granularity="tensor", clamp=True, **ADA_FAST)
+    b = learn_coefficients(base, odd, ctx, granularity="tensor", clamp=True, **ADA_FAST)
+    assert torch.isfinite(b.coefficients).all() and torch.equal(a.coefficients, b.coefficients)
+    assert not torch.allclose(a.coefficients, torch.full_like(a.coefficients, 0.3))
