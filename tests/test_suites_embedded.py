@@ -270,3 +270,24 @@ def test_vision_effnet_experts_are_clearly_trained(tmp_path):
     for task in suite.tasks:
         expert = suite.expert(task)
         assert suite.evaluate(expert.body, expert.head, task)["accuracy"] >= 0.85, task
+
+
+def test_vision_cells_run_end_to_end_through_the_runner(tmp_path):
+    """Baseline, task arithmetic and AdaMerging cells on the real EfficientNet-Lite0 (experts of a few
+    steps): BatchNorm counters hash, AdaMerging handles BatchNorm, results are finite numbers."""
+    from bench.executors.local import run_local
+    from bench.plan import build_plan
+    from bench.store import Store
+
+    suite = VisionEffNet(cache_dir=tmp_path)
+    suite.BATCH_SIZE = 8
+    suite.STEPS = {t: 3 for t in suite.tasks}
+    suite.RECALIBRATION_IMAGES = 64
+    params = {"adamerging-task": {"steps": "2", "samples": "16", "batch_size": "8", "batches_per_step": "1"}}
+    plan = build_plan(suite, defense="none", merge="ta,adamerging-task", victims=["digits"], params=params)
+    with Store(tmp_path / "r.sqlite") as store:
+        summary = run_local(suite, store, plan.cells, run_id="t", log=lambda m: None)
+        records = store.cells()
+    assert summary.failed == 0 and summary.ok == len(plan.cells) == 3, [r.reason for r in records if r.reason]
+    for r in records:
+        assert r.metrics and all(0.0 <= m.value <= 1.0 for m in r.metrics)
