@@ -120,7 +120,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         suite = _make_suite(name, args.cache_dir)
         plan = build_plan(suite, defense=args.defense, attack=args.attack, merge=args.merge, seeds=seeds,
                           victims=args.victims.split(",") if args.victims else None, partners=args.partners,
-                          params=params, budget=budget)
+                          params=params, budget=budget, evaluate=args.evaluate)
         plans.append(plan)
     store = Store(args.store)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
@@ -309,6 +309,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--merge", default="all", help="merge method(s): comma list or 'all'")
     r.add_argument("--victims", default=None, help="restrict victim tasks (comma list; default every task)")
     r.add_argument("--partners", default="rest", choices=["rest", "pairs"], help="merge the victim with all other tasks (rest) or one at a time (pairs)")
+    r.add_argument("--evaluate", default="all", choices=["all", "victim"],
+                   help="evaluate merged models on every merged task (partner side effects) or on the victim only "
+                        "(cheaper sweeps; the unprotected plain-merge reference cells still evaluate every task)")
     r.add_argument("--seeds", default="0", help="comma list of seeds (defense randomness, DARE, attacks)")
     r.add_argument("--param", action="append", default=[], metavar="PLUGIN.KEY=VALUE", help="plugin parameter, e.g. ta.lambda_=0.5 (repeatable)")
     r.add_argument("--jobs", type=int, default=1, help="worker processes (local executor)")

@@ -62,6 +62,8 @@ class Cell:
     merge: MergeChoice | None = None
     na_reason: str = ""
     """Non-empty when the cell cannot run; stored with status 'na'."""
+    evaluate_partners: bool = True
+    """Evaluate the merged model on the partner tasks too (their side effect), or on the victim only."""
 
     @property
     def defense_label(self) -> str:
@@ -76,13 +78,21 @@ class Cell:
         return self.merge.label if self.merge else "-"
 
     def spec(self) -> dict[str, Any]:
-        return {
+        spec = {
             "kind": self.kind, "suite": self.suite, "recipe_hash": self.recipe_hash, "victim": self.victim,
             "partners": list(self.partners), "seed": self.seed,
             "defense": self.defense.spec() if self.defense else None,
             "attack": self.attack.spec() if self.attack else None,
             "merge": self.merge.spec() if self.merge else None,
         }
+        if self.kind == "merge" and not self.evaluate_partners:
+            spec["evaluate"] = "victim"  # a different measurement, so a different cell
+        return spec
+
+    @property
+    def evaluated_tasks(self) -> tuple[str, ...]:
+        """Tasks the merged model is evaluated on."""
+        return (self.victim, *self.partners) if self.evaluate_partners else (self.victim,)
 
     @property
     def cell_id(self) -> str:
@@ -202,8 +212,12 @@ def applicability(defense: Defense, attack: Attack, merge: MergeChoice, features
 def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: str | Sequence[str] = "none",
                merge: str | Sequence[str] = "ta", seeds: Sequence[int] = (0,), victims: Sequence[str] | None = None,
                partners: PartnerMode = "rest", params: Mapping[str, Mapping[str, str]] | None = None,
-               budget: AttackNeeds = DEFAULT_BUDGET) -> Plan:
-    """Cells of the cross-product; baseline cells and the none/none reference cells are always included."""
+               budget: AttackNeeds = DEFAULT_BUDGET, evaluate: Literal["all", "victim"] = "all") -> Plan:
+    """Cells of the cross-product; baseline cells and the none/none reference cells are always included.
+    ``evaluate="victim"`` evaluates merged models on the victim task only (partner side effects are then
+    not measured, except in the reference cells, which always evaluate every task)."""
+    if evaluate not in ("all", "victim"):
+        raise ValueError(f"evaluate must be 'all' or 'victim'; got {evaluate!r}")
     params = params or {}
     defense_names = _select(defense, defenses.names(), "defense")
     attack_names = _select(attack, standard_attacks(), "attack")
@@ -229,7 +243,9 @@ def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: s
                 # The reference row is the unprotected plain merge; other attacks on an
                 # unprotected expert are still informative (their cost, their side effects).
                 reason = applicability(d, a, m, features, budget)
-                plan.cells.append(Cell("merge", suite.name, recipe, victim, group, seed, d, a, m, reason))
+                reference = d.name == "none" and a.name == "none"
+                plan.cells.append(Cell("merge", suite.name, recipe, victim, group, seed, d, a, m, reason,
+                                       evaluate_partners=evaluate == "all" or reference))
     return plan
 
 

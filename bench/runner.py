@@ -269,7 +269,7 @@ class Runner:
         merge_key = "merge:" + hash_json({"suite": suite.name, "base": suite.pretrained_hash(), "merge": cell.merge.spec(),
                                           "seed": cell.seed, "members": [(m[0], m[3]) for m in members]})
         heads = {m[0]: m[2] for m in members}
-        tasks = (cell.victim, *cell.partners)
+        tasks = cell.evaluated_tasks
         merged: StateDict | None = None
         known = self.stages.get(merge_key) if not _has_finish(cell.attack) else None
         if known is not None and all(self.stages.get(self._eval_key(known["merged"], heads[t], t, True)) is not None for t in tasks):

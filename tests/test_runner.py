@@ -229,3 +229,18 @@ def test_summary_tables_follow_the_suite_task_order(toy_suite, tmp_path) -> None
         text = summary_tables(store.cells(), tasks=["t30", "t10", "t20"])
     header = next(line for line in text.splitlines() if "t10" in line)
     assert header.index("t30") < header.index("t10") < header.index("t20") < header.index("mean")
+
+
+def test_victim_only_evaluation_is_its_own_cell_and_skips_partners(toy_suite, tmp_path) -> None:
+    full = build_plan(toy_suite, defense="toy-scale", merge="ta", victims=["t10"])
+    lean = build_plan(toy_suite, defense="toy-scale", merge="ta", victims=["t10"], evaluate="victim")
+    ids = lambda plan: {c.cell_id: c for c in plan.cells}  # noqa: E731
+    shared = set(ids(full)) & set(ids(lean))
+    # the reference (none/none) and baseline cells are the same measurement; the protected cell is not
+    assert {(c.kind, c.defense_label) for i, c in ids(lean).items() if i in shared} == {("baseline", "-"), ("merge", "none")}
+    with Store(tmp_path / "r.sqlite") as store:
+        run_local(toy_suite, store, lean.cells, run_id="a", log=lambda m: None)
+        merged_tasks = {r.defense: {m.task for m in r.metrics if m.role == "merged"} for r in store.cells(kind="merge")}
+    assert merged_tasks == {"none": {"t10", "t20", "t30"}, "toy-scale": {"t10"}}
+    with pytest.raises(ValueError, match="evaluate"):
+        build_plan(toy_suite, evaluate="some")
