@@ -171,12 +171,19 @@ def cmd_results(args: argparse.Namespace) -> int:
         raise UserError(f"no results store at {args.store}; run `bench run` first or pass --store")
     where = {k: v for k, v in (("suite", args.suite), ("defense", args.defense), ("attack", args.attack)) if v}
     with Store(args.store) as store:
+        records = store.cells(**where)
+        if args.defense or args.attack:
+            # the baselines and the unprotected plain merges are what the selected cells are read against
+            context = store.cells(**({"suite": args.suite} if args.suite else {}))
+            chosen = {r.cell_id for r in records}
+            records = [r for r in context if r.cell_id in chosen or r.kind == "baseline"
+                       or (r.defense == "none" and r.attack == "none")]
         if args.scores:
             from bench.scoring import format_table, score
 
-            print(format_table(score(store.cells(**where))))
+            print(format_table(score(records)))
         else:
-            print(to_format(store.cells(**where), args.format))
+            print(to_format(records, args.format))
     return 0
 
 

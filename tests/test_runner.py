@@ -244,3 +244,14 @@ def test_victim_only_evaluation_is_its_own_cell_and_skips_partners(toy_suite, tm
     assert merged_tasks == {"none": {"t10", "t20", "t30"}, "toy-scale": {"t10"}}
     with pytest.raises(ValueError, match="evaluate"):
         build_plan(toy_suite, evaluate="some")
+
+
+def test_results_for_one_defense_keep_the_baselines_and_the_reference(toy_suite, tmp_path, capsys) -> None:
+    from bench.cli import main
+
+    plan = build_plan(toy_suite, defense="toy-scale", merge="ta", victims=["t10"])
+    with Store(tmp_path / "r.sqlite") as store:
+        run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
+    assert main(["results", "--defense", "toy-scale", "--store", str(tmp_path / "r.sqlite")]) == 0
+    text = capsys.readouterr().out
+    assert "'pretrained'" in text and "'expert'" in text and "'toy-scale', 'none', 'ta'" in text and "'none', 'none', 'ta'" in text
