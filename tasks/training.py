@@ -56,12 +56,14 @@ def linear_head(head: StateDict | None, in_features: int, num_classes: int) -> n
 
 
 def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[Batch], steps: int,
-          regularizer: Regularizer | None = None, desc: str = "fine-tune") -> None:
-    """``steps`` optimiser steps of cross-entropy (+ ``regularizer(model)``); leaves ``model`` in eval mode."""
+          regularizer: Regularizer | None = None, desc: str = "fine-tune",
+          loss_fn: Callable[[nn.Module, Batch], torch.Tensor] | None = None) -> None:
+    """``steps`` optimiser steps of ``loss_fn(model, batch)`` (cross-entropy on the logits by default)
+    + ``regularizer(model)``; leaves ``model`` in eval mode."""
     model.train()
     for _ in progress(range(steps), total=steps, desc=desc):
         batch = next(batches)
-        loss = F.cross_entropy(model(**batch.inputs), batch.labels)
+        loss = loss_fn(model, batch) if loss_fn is not None else F.cross_entropy(model(**batch.inputs), batch.labels)
         if regularizer is not None:
             loss = loss + regularizer(model)
         optimizer.zero_grad(set_to_none=True)

@@ -31,10 +31,9 @@ from tasks.lm_smollm2 import (
     answer_token_loss,
     humaneval_task_config,
     lm_batch,
-    train_lm,
     truncate_words,
 )
-from tasks.training import batch_indices
+from tasks.training import batch_indices, train
 
 CHARS = list(" abcdefghijklmnopqrstuvwxyz0123456789.,:;!?'\"\n-()+=*/#_")
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
@@ -264,7 +263,7 @@ def test_training_on_the_answer_loss_lowers_it(tiny_suite):
     model = tiny_suite.task_model(tiny_suite.pretrained(), {}, "rt-subjectivity")
     with torch.no_grad():
         before = float(tiny_suite.loss(model, batch))
-    train_lm(model, torch.optim.AdamW(model.parameters(), lr=3e-3), iter([batch] * 5), 5, tiny_suite.loss)
+    train(model, torch.optim.AdamW(model.parameters(), lr=3e-3), iter([batch] * 5), 5, loss_fn=tiny_suite.loss)
     with torch.no_grad():
         after = float(tiny_suite.loss(model, batch))
     assert after < before - 0.5 and not model.training
