@@ -196,7 +196,8 @@ def test_the_unprotected_merge_is_computed_once_for_every_victim(toy_suite, tmp_
 
 
 def test_process_pool_agrees_with_serial_run_and_logs_each_cell(toy_suite, tmp_path, monkeypatch) -> None:
-    plan = build_plan(toy_suite, defense="toy-scale", merge="ta,wa", victims=["t10", "t20"])
+    ada = {"adamerging-task": {"steps": "1", "samples": "8", "batch_size": "8", "batches_per_step": "1"}}
+    plan = build_plan(toy_suite, defense="toy-scale", merge="adamerging-task,ta,wa", victims=["t10", "t20"], params=ada)
     with Store(tmp_path / "serial.sqlite") as store:
         run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
         serial = {r.cell_id: [(m.role, m.task, round(m.value, 6)) for m in r.metrics] for r in store.cells()}
@@ -208,6 +209,8 @@ def test_process_pool_agrees_with_serial_run_and_logs_each_cell(toy_suite, tmp_p
     assert summary.ok == len(plan.cells) and pooled == serial
     progress = [line for line in lines if line.startswith("[")]
     assert len(progress) == len(plan.cells) and progress[-1].startswith(f"[{len(plan.cells)}/{len(plan.cells)}]")
+    trains = ["/adamerging-task" in line for line in progress]
+    assert any(trains) and trains == sorted(trains)  # every merge that trains ran after every cheap cell
 
 
 def test_merges_that_train_run_after_every_cheap_cell(toy_suite) -> None:

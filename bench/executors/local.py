@@ -94,24 +94,27 @@ def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str,
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
                                  initargs=(suite.name, str(suite.cache_dir), str(store.path), run_id, threads)) as pool:
-            # A group's first cell computes its artifact (cached on disk); the rest then run one cell per
-            # task, so every finished cell reaches the store at once and a killed run loses little.
-            rest: dict = {}
-            futures = set()
-            for g in group_cells(todo):
-                first = pool.submit(_run_group, g[:1])
-                rest[first] = g[1:]
-                futures.add(first)
-            while futures:
-                finished, futures = wait(futures, return_when=FIRST_COMPLETED)
-                for f in finished:
-                    results, stages = f.result()
-                    for key, value in stages.items():
-                        store.put_stage(key, value)
-                    for rec, worked in results:
-                        record(rec, worked)
-                        bar.update(1)
-                    futures |= {pool.submit(_run_group, [c]) for c in rest.pop(f, [])}
+            groups = group_cells(todo)
+            # the cheap cells all finish before the first merge that trains starts
+            for phase in ([g for g in groups if not trains_to_merge(g[0])], [g for g in groups if trains_to_merge(g[0])]):
+                # A group's first cell computes its artifact (cached on disk); the rest then run one cell
+                # per task, so every finished cell reaches the store at once and a killed run loses little.
+                rest: dict = {}
+                futures = set()
+                for g in phase:
+                    first = pool.submit(_run_group, g[:1])
+                    rest[first] = g[1:]
+                    futures.add(first)
+                while futures:
+                    finished, futures = wait(futures, return_when=FIRST_COMPLETED)
+                    for f in finished:
+                        results, stages = f.result()
+                        for key, value in stages.items():
+                            store.put_stage(key, value)
+                        for rec, worked in results:
+                            record(rec, worked)
+                            bar.update(1)
+                        futures |= {pool.submit(_run_group, [c]) for c in rest.pop(f, [])}
     bar.close()
     summary.seconds = time.time() - t0
     return summary
