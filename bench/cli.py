@@ -173,11 +173,13 @@ def cmd_results(args: argparse.Namespace) -> int:
     with Store(args.store) as store:
         records = store.cells(**where)
         if args.defense or args.attack:
+            from bench.scoring import REFERENCE
+
             # the baselines and the unprotected plain merges are what the selected cells are read against
             context = store.cells(**({"suite": args.suite} if args.suite else {}))
             chosen = {r.cell_id for r in records}
             records = [r for r in context if r.cell_id in chosen or r.kind == "baseline"
-                       or (r.defense == "none" and r.attack == "none")]
+                       or (r.defense == REFERENCE and r.attack == REFERENCE)]
         if args.scores:
             from bench.scoring import format_table, score
 

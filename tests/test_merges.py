@@ -308,6 +308,7 @@ class TinySuite(Suite):
     """Two 3-class tasks on fixed random 4-d inputs; only what AdaMerging calls is implemented."""
 
     name = "tiny-fake"
+    body_class: type[nn.Module] = TinyBody
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -318,7 +319,7 @@ class TinySuite(Suite):
 
     def load_pretrained(self) -> StateDict:
         torch.manual_seed(0)
-        return TinyBody().state_dict()
+        return self.body_class().state_dict()
 
     def recipe(self) -> dict[str, object]:
         return {}
@@ -333,7 +334,7 @@ class TinySuite(Suite):
             yield Batch({"x": chunk}, torch.full((len(chunk),), -1))
 
     def task_model(self, body, head, task: str) -> nn.Module:
-        module = TinyTaskModel(TinyBody(), nn.Linear(8, 3))
+        module = TinyTaskModel(self.body_class(), nn.Linear(8, 3))
         module.body.load_state_dict(body)
         module.head.load_state_dict(head)
         return module.eval()
@@ -345,15 +346,19 @@ class TinySuite(Suite):
         raise NotImplementedError
 
 
-@pytest.fixture
-def tiny_merge(tmp_path):
-    suite = TinySuite(cache_dir=tmp_path)
+def merge_setup(suite: TinySuite, seed: int = 1, noise=torch.randn_like, int_shift: int = 3):
+    """θ_pre of ``suite``, one perturbed expert and one random head per task, and the merge context."""
     base = suite.pretrained()
-    torch.manual_seed(1)
-    experts = [{k: v + 0.5 * torch.randn_like(v) if v.is_floating_point() else v + 3 for k, v in base.items()}
+    torch.manual_seed(seed)
+    experts = [{k: v + 0.5 * noise(v) if v.is_floating_point() else v + int_shift for k, v in base.items()}
                for _ in suite.tasks]
     heads = [{"weight": 2.0 * torch.randn(3, 8), "bias": torch.zeros(3)} for _ in suite.tasks]
     return base, experts, MergeContext(suite=suite, tasks=suite.tasks, heads=heads, seed=0)
+
+
+@pytest.fixture
+def tiny_merge(tmp_path):
+    return merge_setup(TinySuite(cache_dir=tmp_path))
 
 
 ADA_FAST = {"steps": 30, "lr": 0.05, "prior": 0.3, "batch_size": 8, "batches_per_step": 2, "samples": 32}
@@ -461,29 +466,17 @@ class TinyBNBody(TinyBody):
 
 class TinyBNSuite(TinySuite):
     name = "tiny-fake-bn"
+    body_class = TinyBNBody
 
     def load_pretrained(self) -> StateDict:
-        torch.manual_seed(0)
-        body = TinyBNBody()
-        body.bn.running_mean.normal_()
-        body.bn.running_var.uniform_(0.5, 2.0)
-        return body.state_dict()
-
-    def task_model(self, body, head, task: str) -> nn.Module:
-        module = TinyTaskModel(TinyBNBody(), nn.Linear(8, 3))
-        module.body.load_state_dict(body)
-        module.head.load_state_dict(head)
-        return module.eval()
+        state = super().load_pretrained()
+        state["bn.running_mean"].normal_()
+        state["bn.running_var"].uniform_(0.5, 2.0)
+        return state
 
 
 def test_adamerging_merges_batchnorm_statistics_without_differentiating_them(tmp_path):
-    suite = TinyBNSuite(cache_dir=tmp_path)
-    base = suite.pretrained()
-    torch.manual_seed(1)
-    experts = [{k: v + 0.5 * torch.rand_like(v) if v.is_floating_point() else v + 3 for k, v in base.items()}
-               for _ in suite.tasks]
-    heads = [{"weight": 2.0 * torch.randn(3, 8), "bias": torch.zeros(3)} for _ in suite.tasks]
-    ctx = MergeContext(suite=suite, tasks=suite.tasks, heads=heads, seed=0)
+    base, experts, ctx = merge_setup(TinyBNSuite(cache_dir=tmp_path), noise=torch.rand_like)
     result = learn_coefficients(base, experts, ctx, granularity="task", clamp=True, measure=True, **ADA_FAST)
     lam = result.coefficients[0]
     assert result.entropy_after < result.entropy_before
@@ -493,15 +486,9 @@ def test_adamerging_merges_batchnorm_statistics_without_differentiating_them(tmp
 
 
 def test_adamerging_objective_uses_batch_statistics_not_merged_running_ones(tmp_path):
-    suite = TinyBNSuite(cache_dir=tmp_path)
-    base = suite.pretrained()
-    torch.manual_seed(2)
-    experts = [{k: v + 0.5 * torch.rand_like(v) if v.is_floating_point() else v for k, v in base.items()}
-               for _ in suite.tasks]
+    base, experts, ctx = merge_setup(TinyBNSuite(cache_dir=tmp_path), seed=2, noise=torch.rand_like, int_shift=0)
     # running statistics whose merge would be a negative variance: they must not matter
     odd = [{**e, "bn.running_var": torch.full_like(e["bn.running_var"], -5.0)} for e in experts]
-    heads = [{"weight": 2.0 * torch.randn(3, 8), "bias": torch.zeros(3)} for _ in suite.tasks]
-    ctx = MergeContext(suite=suite, tasks=suite.tasks, heads=heads, seed=0)
     a = learn_coefficients(base, experts, ctx, granularity="tensor", clamp=True, **ADA_FAST)
     b = learn_coefficients(base, odd, ctx, granularity="tensor", clamp=True, **ADA_FAST)
     assert torch.isfinite(b.coefficients).all() and torch.equal(a.coefficients, b.coefficients)
