@@ -20,7 +20,7 @@ from bench.params import ParamError
 from bench.plugins import Defense, DefenseContext
 from bench.registry import defenses
 from bench.suite import Batch, Expert
-from bench.weights import StateDict, is_mergeable
+from bench.weights import StateDict, hash_json, is_mergeable, load_state, save_state, state_hash
 
 PAPER = "Chen et al., Defending Unauthorized Model Merging via Dual-Stage Weight Protection, arXiv:2511.11851"
 
@@ -124,11 +124,24 @@ class LayerwiseL2:
 
 
 def density_aware_finetune(expert: Expert, ctx: DefenseContext, params: DensityParams) -> Expert:
-    """θ'_def: the expert fine-tuned again on its task under the layer-wise L2 penalty."""
+    """θ'_def: the expert fine-tuned again on its task under the layer-wise L2 penalty.
+
+    The result is cached in the suite's cache directory under a hash of everything it depends on,
+    so ``mergeguard`` and ``mergeguard-stage1`` (and re-runs) fine-tune once per expert."""
+    key = hash_json({"suite": ctx.suite.name, "recipe": ctx.suite.recipe_hash(), "task": ctx.task, "seed": ctx.seed,
+                     "expert": state_hash(expert.body), "head": state_hash(expert.head),
+                     "alpha": params.alpha, "steps": params.steps})[:32]
+    directory = ctx.suite.cache_dir / "mergeguard-stage1"
+    body_path, head_path = directory / f"{key}.body.safetensors", directory / f"{key}.head.safetensors"
+    if body_path.is_file() and head_path.is_file():
+        return Expert(load_state(body_path), load_state(head_path))
     regularizer = LayerwiseL2(params.alpha, ctx.arch)
-    return ctx.suite.finetune(
+    refined = ctx.suite.finetune(
         ctx.task, expert.body, expert.head, seed=ctx.seed, regularizer=regularizer, steps=params.steps
     )
+    save_state(refined.head, head_path)
+    save_state(refined.body, body_path)  # body last: its presence marks a complete entry
+    return refined
 
 
 # ---------------------------------------------------------------- stage 2: units and masks

@@ -119,8 +119,8 @@ class TinySuite(Suite):
 
     name = "tiny-mlp-suite"
 
-    def __init__(self, features: frozenset[str] = frozenset({MLP}), steps: int = 150) -> None:
-        super().__init__(cache_dir=None)
+    def __init__(self, features: frozenset[str] = frozenset({MLP}), steps: int = 150, cache_dir=None) -> None:
+        super().__init__(cache_dir=cache_dir)
         self._family = TinyMLPFamily(features)
         self.steps = steps
         self.finetune_calls: list[dict] = []
@@ -193,8 +193,8 @@ class TinySuite(Suite):
 
 
 @pytest.fixture(scope="module")
-def suite() -> TinySuite:
-    return TinySuite()
+def suite(tmp_path_factory) -> TinySuite:
+    return TinySuite(cache_dir=tmp_path_factory.mktemp("mergeguard-cache"))
 
 
 @pytest.fixture(scope="module")
@@ -349,6 +349,20 @@ def test_stage1_refinetunes_the_expert_with_the_regulariser_and_releases_its_hea
     norm = lambda s: sum(float(v.pow(2).sum()) for k, v in s.items() if k.endswith("weight"))  # noqa: E731
     assert norm(artifact.state) < norm(expert.body)
     assert "unit_drops" not in artifact.notes
+
+
+def test_stage1_is_fine_tuned_once_for_mergeguard_and_its_stage1_ablation(suite, expert):
+    params = {"steps": "30", "heldout_samples": "64"}
+    stage1 = defenses.get("mergeguard-stage1")(parse_params(defenses.get("mergeguard-stage1").Params, {"steps": "30"}))
+    full = defenses.get("mergeguard")(parse_params(defenses.get("mergeguard").Params, params))
+    calls = len(suite.finetune_calls)
+    first = stage1.protect(expert, context(suite, seed=5))
+    assert len(suite.finetune_calls) == calls + 1
+    protected = full.protect(expert, context(suite, seed=5))
+    assert len(suite.finetune_calls) == calls + 1  # stage 1 came from the cache
+    assert torch.equal(protected.head["weight"], first.head["weight"])
+    other_seed = stage1.protect(expert, context(suite, seed=6))
+    assert len(suite.finetune_calls) == calls + 2 and other_seed.content_hash() != first.content_hash()
 
 
 # ---------------------------------------------------------------- the whole defense
