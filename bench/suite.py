@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from bench.artifact import Artifact
+from bench.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from bench.families.base import ArchitectureMap
 from bench.families.family import Family
 from bench.weights import StateDict, hash_json, load_state, save_state, state_hash
@@ -69,6 +70,9 @@ class Suite(ABC):
     description: str = ""
     primary_metric: str = "accuracy"
     higher_is_better: bool = True
+    recalibration_samples: int = 1024
+    """Training inputs that re-estimate BatchNorm statistics (`recalibrate`)."""
+    recalibration_batch_size: int = 64
 
     def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -122,6 +126,27 @@ class Suite(ABC):
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The optimiser of the suite's recipe, for fine-tuning done by attacks (AdamW 5e-5 unless overridden)."""
         return torch.optim.AdamW(params, lr=5e-5)
+
+    # ------------------------------------------------------------ BatchNorm repair
+
+    def recalibrate(self, model: nn.Module, task: str, *, seed: int = 0) -> int:
+        """Re-estimate ``model``'s BatchNorm running statistics on `recalibration_samples` shuffled training
+        inputs of ``task``; returns the samples seen (0, touching no data, for a model without BatchNorm)."""
+        if not batchnorm_layers(model):
+            return 0
+        batches = self.batches(task, "train", batch_size=self.recalibration_batch_size,
+                               limit=self.recalibration_samples, shuffle=True, seed=seed)
+        return recalibrate_batchnorm(model, (b.inputs for b in batches))
+
+    def recalibrate_statistics(self, body: StateDict, head: StateDict, task: str, *, seed: int = 0) -> tuple[StateDict, int]:
+        """``body`` with its BatchNorm statistics re-estimated by `recalibrate` (unchanged without BatchNorm),
+        and the samples seen."""
+        model = self.task_model(body, head, task)
+        seen = self.recalibrate(model, task, seed=seed)
+        if not seen:
+            return body, 0
+        live = model.body.state_dict()
+        return {k: live[k].detach().clone() if k in live else v for k, v in body.items()}, seen
 
     # ------------------------------------------------------------ shared behaviour
 

@@ -19,7 +19,7 @@ those of the network as it is evaluated.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from functools import cached_property
 from typing import Any
 
@@ -60,34 +60,6 @@ class ImageClassifier(nn.Module):
         return self.head(self.dropout(self.body(pixel_values)))
 
 
-@torch.no_grad()
-def recalibrate_batchnorm(module: nn.Module, images: Iterable[torch.Tensor]) -> int:
-    """Recompute every BatchNorm's running statistics of ``module`` from ``images``; returns the image count.
-
-    Statistics are reset and averaged cumulatively (momentum None) over all batches; only the
-    BatchNorm layers run in train mode. ``module`` is left in eval mode with its momenta restored.
-    """
-    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    momenta = [bn.momentum for bn in norms]
-    module.eval()
-    for bn in norms:
-        bn.reset_running_stats()
-        bn.momentum = None
-        bn.train()
-    seen = 0
-    try:
-        for x in images:
-            module(x)
-            seen += len(x)
-    finally:
-        for bn, momentum in zip(norms, momenta):
-            bn.momentum = momentum
-        module.eval()
-    if seen == 0:
-        raise ValueError("BatchNorm recalibration needs at least one image")
-    return seen
-
-
 def to_pixels(images: torch.Tensor, size: int) -> torch.Tensor:
     """[N, H, W] grayscale in [0, 1] -> [N, 3, size, size] normalised to [-1, 1]."""
     x = F.interpolate(images.unsqueeze(1), size=(size, size), mode="bilinear", align_corners=False)
@@ -108,7 +80,6 @@ class VisionEffNet(Suite):
     BATCH_SIZE = 64
     EVAL_BATCH_SIZE = 128
     DROPOUT = 0.2
-    RECALIBRATION_IMAGES = 1024
     STEPS = {"digits": 120, "mnist5k": 160, "animal-mnist": 160}
     """Fine-tuning steps per task: ~5.5, 2.6 and 2.6 epochs of the 1,400 / 4,000 / 4,000 training images."""
 
@@ -146,7 +117,7 @@ class VisionEffNet(Suite):
             "batchnorm_momentum": 0.1,
             "dropout": self.DROPOUT,
             "drop_connect": 0.2,
-            "merged_eval": f"BatchNorm recalibration on {self.RECALIBRATION_IMAGES} training images",
+            "merged_eval": f"BatchNorm recalibration on {self.recalibration_samples} training images",
             "seed": 0,
         }
 
@@ -184,12 +155,6 @@ class VisionEffNet(Suite):
                                                         seed=seed * 1000 + epoch))
             train(model, optimizer, stream, steps, regularizer, desc=f"{self.name}/{task}")
         return Expert(body=detached_state(model.body), head=detached_state(model.head))
-
-    def recalibrate(self, model: ImageClassifier, task: str) -> int:
-        """Recalibrate ``model.body``'s BatchNorm statistics on `RECALIBRATION_IMAGES` training images of ``task``."""
-        batches = self.batches(task, "train", batch_size=self.BATCH_SIZE, limit=self.RECALIBRATION_IMAGES,
-                               shuffle=True, seed=0)
-        return recalibrate_batchnorm(model.body, (b.inputs["pixel_values"] for b in batches))
 
     def evaluate(self, body: StateDict | Artifact, head: StateDict, task: str, *, merged: bool = False) -> dict[str, float]:
         model = self.task_model(body, head, task)

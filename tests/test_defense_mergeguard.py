@@ -25,6 +25,7 @@ from defenses.mergeguard import (
     critical_units,
     heldout_accuracy,
     lm_io_keys,
+    negate,
     negation_units,
     round_half_up,
     top_fraction_mask,
@@ -48,14 +49,15 @@ class Block(nn.Module):
 
 
 class Body(nn.Module):
-    def __init__(self) -> None:
+    def __init__(self, batchnorm: bool = False) -> None:
         super().__init__()
         self.embed = nn.Linear(D_IN, WIDTH)
+        self.embed_norm = nn.BatchNorm1d(WIDTH) if batchnorm else nn.Identity()
         self.blocks = nn.ModuleList(Block() for _ in range(LAYERS))
         self.final_norm = nn.LayerNorm(WIDTH)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.embed(x)
+        h = self.embed_norm(self.embed(x))
         for block in self.blocks:
             h = block(h)
         return self.final_norm(h)
@@ -64,11 +66,12 @@ class Body(nn.Module):
 class TinyMLPFamily(Family):
     name = "tiny-mlp"
 
-    def __init__(self, features: frozenset[str] = frozenset({MLP})) -> None:
+    def __init__(self, features: frozenset[str] = frozenset({MLP}), batchnorm: bool = False) -> None:
         self.features = features
+        self.batchnorm = batchnorm
 
     def new_module(self) -> nn.Module:
-        return Body()
+        return Body(self.batchnorm)
 
     def arch_map(self) -> ArchitectureMap:
         layers = tuple(
@@ -119,9 +122,10 @@ class TinySuite(Suite):
 
     name = "tiny-mlp-suite"
 
-    def __init__(self, features: frozenset[str] = frozenset({MLP}), steps: int = 150, cache_dir=None) -> None:
+    def __init__(self, features: frozenset[str] = frozenset({MLP}), steps: int = 150, cache_dir=None,
+                 batchnorm: bool = False) -> None:
         super().__init__(cache_dir=cache_dir)
-        self._family = TinyMLPFamily(features)
+        self._family = TinyMLPFamily(features, batchnorm)
         self.steps = steps
         self.finetune_calls: list[dict] = []
 
@@ -135,7 +139,7 @@ class TinySuite(Suite):
     def load_pretrained(self) -> StateDict:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            return {k: v.detach().clone() for k, v in Body().state_dict().items()}
+            return {k: v.detach().clone() for k, v in self._family.new_module().state_dict().items()}
 
     def recipe(self) -> dict:
         return {"steps": self.steps}
@@ -317,6 +321,51 @@ def test_module_granularity_makes_one_unit_per_leaf_module(suite, expert):
     _, _, notes = stage2(suite, expert, granularity="module")
     assert "blocks.0.up" in notes["unit_drops"] and "blocks.0.norm" in notes["unit_drops"]
     assert len(notes["unit_drops"]) == 3 * LAYERS + 2
+
+
+@pytest.fixture(scope="module")
+def bn_suite(tmp_path_factory) -> TinySuite:
+    return TinySuite(cache_dir=tmp_path_factory.mktemp("mergeguard-bn-cache"), batchnorm=True)
+
+
+@pytest.fixture(scope="module")
+def bn_expert(bn_suite: TinySuite) -> Expert:
+    return bn_suite.finetune("a", bn_suite.pretrained(), seed=0)
+
+
+BN_STATISTICS = {"embed_norm.running_mean", "embed_norm.running_var", "embed_norm.num_batches_tracked"}
+
+
+def test_stage2_on_batchnorm_keeps_statistics_out_of_the_mask_and_re_estimates_them(bn_suite, bn_expert):
+    p = NegationParams(heldout_samples=128, k_layers=0.0, k_params=0.5)
+    protected, masks, notes = adversarial_weight_negation(bn_expert.body, bn_expert.head, context(bn_suite), p)
+    assert not BN_STATISTICS & set(masks) and masks["embed.weight"].any()  # the parameters are negated
+    assert notes["recalibrated_statistics"] == 3
+    # Every one of the 384 training inputs (fewer than recalibration_samples): the statistics are exactly
+    # those of the negated embedding on the training split, whatever the order.
+    x, _ = bn_suite._data("a", "train")
+    assert notes["recalibration_samples"] == len(x) == 384
+    with torch.no_grad():
+        h = nn.functional.linear(x, protected["embed.weight"], protected["embed.bias"])
+    torch.testing.assert_close(protected["embed_norm.running_mean"], h.mean(dim=0), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(protected["embed_norm.running_mean"], bn_expert.body["embed_norm.running_mean"])
+    for key in set(protected) - BN_STATISTICS:  # parameters: exactly Eq. 4, untouched by the repair
+        expected = negate(bn_expert.body, bn_suite.pretrained(), masks, 1.0)[key]
+        assert torch.equal(protected[key], expected), key
+
+
+def test_stage2_without_recalibration_negates_statistics_like_any_tensor(bn_suite, bn_expert):
+    p = NegationParams(heldout_samples=128, k_layers=0.0, k_params=0.5, recalibrate_batchnorm=False)
+    protected, masks, notes = adversarial_weight_negation(bn_expert.body, bn_expert.head, context(bn_suite), p)
+    assert {"embed_norm.running_mean", "embed_norm.running_var"} <= set(masks)
+    assert notes["recalibrated_statistics"] == 0 and notes["recalibration_samples"] == 0
+    assert torch.equal(protected["embed_norm.running_mean"],
+                       negate(bn_expert.body, bn_suite.pretrained(), masks, 1.0)["embed_norm.running_mean"])
+
+
+def test_stage2_without_batchnorm_recalibrates_nothing(suite, expert):
+    _, _, notes = stage2(suite, expert)
+    assert notes["recalibrated_statistics"] == 0 and notes["recalibration_samples"] == 0
 
 
 # ---------------------------------------------------------------- stage 1

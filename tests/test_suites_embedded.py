@@ -12,12 +12,13 @@ import pytest
 import torch
 
 from bench.artifact import Artifact
+from bench.batchnorm import batchnorm_statistic_keys, recalibrate_batchnorm
 from bench.registry import suites
 from bench.suite import MissingAssetError
 from bench.weights import CheckpointError
 from tasks import data
 from tasks.text_minilm import TextMiniLM, mean_pool
-from tasks.vision_effnet import VisionEffNet, recalibrate_batchnorm
+from tasks.vision_effnet import VisionEffNet
 
 
 @pytest.fixture(scope="module")
@@ -221,29 +222,42 @@ def test_vision_finetune_two_steps_keeps_body_keys_and_updates_bn_stats(tmp_path
 def test_bn_recalibration_sets_running_stats_to_the_data_mean_without_randomness(vision_suite):
     model = vision_suite.task_model(vision_suite.pretrained(), {"weight": torch.zeros(10, 1280), "bias": torch.zeros(10)},
                                     "digits")
-    images = [b.inputs["pixel_values"] for b in vision_suite.batches("digits", "train", batch_size=32, limit=64)]
+    inputs = [b.inputs for b in vision_suite.batches("digits", "train", batch_size=32, limit=64)]
     before = model.body._bn0.running_mean.clone()
-    assert recalibrate_batchnorm(model.body, images) == 64
-    stem = torch.cat([model.body._conv_stem(x) for x in images]).detach()
+    assert recalibrate_batchnorm(model, inputs) == 64
+    stem = torch.cat([model.body._conv_stem(x["pixel_values"]) for x in inputs]).detach()
     torch.testing.assert_close(model.body._bn0.running_mean, stem.mean(dim=(0, 2, 3)), atol=1e-5, rtol=1e-4)
     assert not torch.allclose(before, model.body._bn0.running_mean)
     assert model.body._bn0.momentum == pytest.approx(0.1) and not model.training
     first = {k: v.clone() for k, v in model.body.state_dict().items()}
-    recalibrate_batchnorm(model.body, images)  # drop-connect stays off: a second pass gives the same statistics
+    recalibrate_batchnorm(model, inputs)  # drop-connect and dropout stay off: a second pass gives the same statistics
     assert all(torch.allclose(first[k].float(), v.float()) for k, v in model.body.state_dict().items())
 
 
 def test_vision_merged_evaluation_recalibrates_on_1024_training_images(vision_suite, monkeypatch):
     seen = []
     monkeypatch.setattr(
-        "tasks.vision_effnet.recalibrate_batchnorm",
-        lambda module, images: seen.append(sum(len(x) for x in images)) or seen[-1],
+        "bench.suite.recalibrate_batchnorm",
+        lambda model, inputs: seen.append(sum(len(x["pixel_values"]) for x in inputs)) or seen[-1],
     )
     head = {"weight": torch.zeros(10, 1280), "bias": torch.zeros(10)}
     result = vision_suite.evaluate(vision_suite.pretrained(), head, "digits", merged=True)
     assert seen == [1024] and result == {"accuracy": pytest.approx(0.1)}  # zero head: argmax is class 0
     vision_suite.evaluate(vision_suite.pretrained(), head, "digits")
     assert seen == [1024]
+
+
+def test_recalibrate_statistics_returns_a_body_with_fresh_statistics_and_the_same_weights(vision_suite):
+    body = vision_suite.pretrained()
+    head = {"weight": torch.zeros(10, 1280), "bias": torch.zeros(10)}
+    fresh, seen = vision_suite.recalibrate_statistics(body, head, "digits")
+    keys = batchnorm_statistic_keys(vision_suite.task_model(body, head, "digits").body)
+    assert seen == 1024 and "_bn0.running_var" in keys and "_bn0.weight" not in keys
+    assert set(fresh) == set(body)
+    assert all(torch.equal(fresh[k], body[k]) for k in body if k not in keys)
+    assert not torch.allclose(fresh["_bn0.running_mean"], body["_bn0.running_mean"])
+    again, _ = vision_suite.recalibrate_statistics(body, head, "digits")
+    assert all(torch.equal(fresh[k], again[k]) for k in body)  # fixed sample (seed 0): deterministic
 
 
 # ---------------------------------------------------------------- full builds (minutes)
