@@ -51,6 +51,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from bench.batchnorm import batchnorm_layers, batchnorm_statistic_keys
 from bench.families.base import ArchitectureMap
 from bench.merging import MergeContext, merge_method
 from bench.params import ParamError
@@ -182,14 +183,11 @@ class _TaskForward:
 def use_batch_statistics(body: nn.Module) -> frozenset[str]:
     """Make every BatchNorm of ``body`` normalise with batch statistics (no running statistics kept or
     updated, in train and eval mode alike); returns the names of the running-statistics buffers removed."""
-    removed = set()
-    for name, module in body.named_modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-            prefix = f"{name}." if name else ""
-            removed |= {prefix + "running_mean", prefix + "running_var", prefix + "num_batches_tracked"}
-            module.track_running_stats = False
-            module.running_mean = module.running_var = module.num_batches_tracked = None
-    return frozenset(removed)
+    removed = batchnorm_statistic_keys(body)
+    for _, module in batchnorm_layers(body):
+        module.track_running_stats = False
+        module.running_mean = module.running_var = module.num_batches_tracked = None
+    return removed
 
 
 def unlabelled_pool(suite: Any, task: str, *, samples: int, batch_size: int, seed: int) -> list[dict[str, torch.Tensor]]:
