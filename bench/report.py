@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import pandas as pd
 from tabulate import tabulate
 
-from bench.store import CellRecord
+from bench.store import CellRecord, newest_ok
 
 
 def results_frame(records: Sequence[CellRecord]) -> pd.DataFrame:
@@ -36,7 +36,7 @@ def _pivot(df: pd.DataFrame, index: list[str], tasks: list[str]) -> pd.DataFrame
 def summary_tables(records: Sequence[CellRecord], metric: str = "accuracy", tasks: Sequence[str] = ()) -> str:
     """Standalone accuracy (θ_pre, experts, protected artifacts) and merged victim accuracy per cell;
     columns in the order of ``tasks`` (the suite's), then any other victim by name."""
-    df = results_frame(records)
+    df = results_frame(newest_ok(records))
     if df.empty or df["metric"].isna().all():
         return "no results"
     ok = df[(df.status == "ok") & (df.metric == metric)]
@@ -64,7 +64,7 @@ def summary_tables(records: Sequence[CellRecord], metric: str = "accuracy", task
 
 
 def to_format(records: Sequence[CellRecord], fmt: str) -> str:
-    df = results_frame(records)
+    df = results_frame(newest_ok(records))
     if fmt == "csv":
         return df.to_csv(index=False)
     if fmt == "json":

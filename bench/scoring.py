@@ -55,7 +55,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.store import CellRecord
+from bench.store import CellRecord, newest_ok
 
 UTILITY_FLOOR = 0.9
 """Utility below this is flagged and unranked (JailbreakBench flags defenses refusing >10 % benign)."""
@@ -276,15 +276,12 @@ class _Index:
 
 
 def _index(records: Iterable[CellRecord]) -> _Index:
-    cells = sorted(records, key=lambda c: (c.created, c.cell_id))  # newest last: it wins below
+    cells = sorted(records, key=lambda c: (c.created, c.cell_id))
     names: dict[tuple[str, str], dict[str, bool]] = defaultdict(dict)
     baselines: dict[tuple[str, str, int], CellRecord] = {}
     merges: dict[tuple[str, str, str, tuple[str, ...], int, str, str], CellRecord] = {}
-    not_ok = []
-    for c in cells:
-        if c.status != "ok":
-            not_ok.append(c)
-            continue
+    not_ok = [c for c in cells if c.status != "ok"]
+    for c in newest_ok(cells):
         for m in c.metrics:
             names[(c.suite, m.task)].setdefault(m.metric, m.higher_is_better)
         if c.kind == "baseline":

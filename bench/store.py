@@ -101,12 +101,27 @@ class CellRecord:
     run_id: str = ""
     created: float = 0.0
 
+    @property
+    def coordinates(self) -> tuple[str, str, str, tuple[str, ...], str, str, str, int]:
+        """Where the cell sits in the cross-product; cells that share it measure the same thing, and a
+        newer one (a re-run under a new plugin version or other parameters) supersedes the older."""
+        return (self.suite, self.kind, self.victim, self.partners, self.defense, self.attack, self.merge, self.seed)
+
     def value(self, role: str, task: str | None = None, metric: str | None = None) -> float | None:
         task = task or self.victim
         for m in self.metrics:
             if m.role == role and m.task == task and (metric is None or m.metric == metric):
                 return m.value
         return None
+
+
+def newest_ok(records: Iterable[CellRecord]) -> list[CellRecord]:
+    """The newest successful cell at each `CellRecord.coordinates`, oldest first (what tables and scores read)."""
+    newest: dict[tuple, CellRecord] = {}
+    for c in sorted(records, key=lambda c: (c.created, c.cell_id)):
+        if c.status == "ok":
+            newest[c.coordinates] = c
+    return sorted(newest.values(), key=lambda c: (c.created, c.cell_id))
 
 
 class Store:

@@ -324,3 +324,14 @@ def test_table_lists_overall_then_suites_ranked_first():
     assert [row[1] for row in body] == ["overall", "overall", SUITE, SUITE]
     assert "incomplete" in text  # the missing 'unmask' attack is shown, not hidden
     assert format_table(score([], attacks=["none"], n_bootstrap=5)).startswith("no scored cells")
+
+
+def test_summary_tables_read_the_newest_cell_per_coordinates_like_the_scores():
+    from bench.report import summary_tables
+
+    old = cell("guard", "none", "ta", 0.3, utility=0.4, created=2.0)
+    new = cell("guard", "none", "ta", 0.8, utility=0.7, created=3.0)  # a re-run under a newer plugin version
+    failed = dataclasses.replace(cell("guard", "none", "ta", 0.0, created=4.0), status="failed", metrics=())
+    text = summary_tables([baseline(), new, old, failed], tasks=["v"])
+    assert "0.800" in text and "0.700" in text
+    assert not {"0.300", "0.400", "0.550"} & set(text.split())  # neither the superseded cell nor an average (0.55)
