@@ -36,10 +36,13 @@ def _pivot(df: pd.DataFrame, index: list[str], tasks: list[str]) -> pd.DataFrame
 def summary_tables(records: Sequence[CellRecord], metric: str = "accuracy", tasks: Sequence[str] = ()) -> str:
     """Standalone accuracy (θ_pre, experts, protected artifacts) and merged victim accuracy per cell;
     columns in the order of ``tasks`` (the suite's), then any other victim by name."""
-    df = results_frame(newest_ok(records))
+    df = results_frame(records)
     if df.empty or df["metric"].isna().all():
         return "no results"
-    ok = df[(df.status == "ok") & (df.metric == metric)]
+    newest = newest_ok(records)  # a superseded cell is neither shown nor averaged in
+    ok = df[df.cell_id.isin({c.cell_id for c in newest}) & (df.metric == metric)]
+    done = {c.coordinates for c in newest}
+    unfinished = {r.cell_id for r in records if r.status != "ok" and r.coordinates not in done}
     tasks = [t for t in tasks if t in set(ok["victim"])] + sorted(set(ok["victim"]) - set(tasks))
     parts = []
     base = ok[ok.role.isin(["pretrained", "expert"])]
@@ -56,7 +59,7 @@ def summary_tables(records: Sequence[CellRecord], metric: str = "accuracy", task
         t = _pivot(merged, ["suite", "defense", "attack", "merge"], tasks)
         parts.append(f"Merged {metric} on the victim task (columns: victim; partners merged alongside):\n"
                      + tabulate(t, headers="keys", floatfmt=".3f", tablefmt="github"))
-    na = df[df.status.isin(["na", "failed"])].drop_duplicates("cell_id")
+    na = df[df.cell_id.isin(unfinished)].drop_duplicates("cell_id")
     if not na.empty:
         counts = na.groupby(["status", "defense", "attack", "reason"]).size().reset_index(name="cells")
         parts.append("Not run:\n" + tabulate(counts, headers="keys", tablefmt="github", showindex=False, maxcolwidths=[None, None, None, 70, None]))
@@ -64,7 +67,7 @@ def summary_tables(records: Sequence[CellRecord], metric: str = "accuracy", task
 
 
 def to_format(records: Sequence[CellRecord], fmt: str) -> str:
-    df = results_frame(newest_ok(records))
+    df = results_frame(records)
     if fmt == "csv":
         return df.to_csv(index=False)
     if fmt == "json":

@@ -335,3 +335,5 @@ def test_summary_tables_read_the_newest_cell_per_coordinates_like_the_scores():
     text = summary_tables([baseline(), new, old, failed], tasks=["v"])
     assert "0.800" in text and "0.700" in text
     assert not {"0.300", "0.400", "0.550"} & set(text.split())  # neither the superseded cell nor an average (0.55)
+    assert "Not run" not in text  # the failure is of a cell a successful one stands for
+    assert "Not run" in summary_tables([baseline(), failed], tasks=["v"])
