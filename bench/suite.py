@@ -73,6 +73,7 @@ class Suite(ABC):
     recalibration_samples: int = 1024
     """Training inputs that re-estimate BatchNorm statistics (`recalibrate`)."""
     recalibration_batch_size: int = 64
+    """Batch size of that pass (per-batch statistics are averaged, so it matters slightly)."""
 
     def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
