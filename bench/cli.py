@@ -342,7 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("name")
     sh.set_defaults(func=cmd_show)
 
-    res = sub.add_parser("results", help="print stored results")
+    res = sub.add_parser("results", help="print stored results",
+                         description="Print stored results. Tables and scores read the newest successful cell at "
+                                     "each coordinate (a re-run under a new plugin version supersedes the old one); "
+                                     "csv and json export every stored cell with its cell_id.")
     res.add_argument("--format", default="table", choices=["table", "csv", "json"])
     res.add_argument("--suite")
     res.add_argument("--defense")
