@@ -403,8 +403,8 @@ class MergeGuard(Defense):
       it keeps (θ_pre + 10·τ' ≈ −0.1·θ_pre to −0.4·θ_pre). This is the leading explanation for
       stage 1's DARE-TIES collapse on ``vision-effnet`` (digits 0.15 against 0.70 unprotected;
       ``dare-ta`` keeps 0.66).
-      Giving each BatchNorm-followed convolution back its θ_def norm (exactly function-preserving:
-      standalone accuracy stays 0.957) takes the convolutions' |τ'| from 15.7 to 4.1 and lifts
+      Giving each BatchNorm-followed convolution back its θ_def norm (function-preserving up to
+      BatchNorm's ε: standalone accuracy stays 0.957) takes the convolutions' |τ'| from 15.7 to 4.1 and lifts
       DARE-TIES only to 0.23. So the convolutions' scale alone does not explain the collapse; the
       BatchNorm affine weights, which no rescaling restores, shrink by the same factor. We follow
       the paper's objective literally with the suite's recipe, and we leave this as an observation,
