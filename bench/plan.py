@@ -48,9 +48,10 @@ def _merge_choice(name: str, values: dict[str, Any]) -> MergeChoice:
 
 @dataclass(frozen=True)
 class Cell:
-    """One (suite, victim, partners, defense, attack, merge, seed), or a baseline (kind='baseline')."""
+    """One (suite, victim, partners, defense, attack, merge, seed) (kind='merge'); or the standalone
+    evaluations: θ_pre and the unprotected expert (kind='baseline'), a defense's artifact alone (kind='utility')."""
 
-    kind: Literal["baseline", "merge"]
+    kind: Literal["baseline", "utility", "merge"]
     suite: str
     recipe_hash: str
     """Hash of the suite's expert recipe: experts change when it does, so cells do too."""
@@ -191,12 +192,20 @@ def partner_sets(tasks: Sequence[str], victim: str, mode: PartnerMode) -> list[t
     raise ValueError(f"unknown partner mode {mode!r}; use 'rest' or 'pairs'")
 
 
-def applicability(defense: Defense, attack: Attack, merge: MergeChoice, features: frozenset[str],
-                  budget: AttackNeeds) -> str:
-    """Why a (defense, attack, merge) cannot run on a suite, or '' when it can."""
+def defense_applicability(defense: Defense, features: frozenset[str]) -> str:
+    """Why a defense cannot act on a suite's architecture, or '' when it can."""
     missing = set(defense.applies_to) - set(features)
     if missing:
         return f"defense {defense.name} needs {', '.join(sorted(missing))}, which this architecture lacks"
+    return ""
+
+
+def applicability(defense: Defense, attack: Attack, merge: MergeChoice, features: frozenset[str],
+                  budget: AttackNeeds) -> str:
+    """Why a (defense, attack, merge) cannot run on a suite, or '' when it can."""
+    reason = defense_applicability(defense, features)
+    if reason:
+        return reason
     over = attack.needs().exceeds(budget)
     if over:
         return f"attack {attack_label(attack)} " + "; ".join(over)
@@ -213,8 +222,9 @@ def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: s
                merge: str | Sequence[str] = "ta", seeds: Sequence[int] = (0,), victims: Sequence[str] | None = None,
                partners: PartnerMode = "rest", params: Mapping[str, Mapping[str, str]] | None = None,
                budget: AttackNeeds = DEFAULT_BUDGET, evaluate: Literal["all", "victim"] = "all") -> Plan:
-    """Cells of the cross-product; baseline cells and the none/none reference cells are always included.
-    ``evaluate="victim"`` evaluates merged models on the victim task only (partner side effects are then
+    """Cells of the cross-product; baseline cells and the none/none reference cells are always included,
+    and one utility cell per (seed, victim, defense), so a defense's standalone metric is measured even
+    where every merge cell is N/A (a structure-changed release under attack ``none``). ``evaluate="victim"`` evaluates merged models on the victim task only (partner side effects are then
     not measured, except in the reference cells, which always evaluate every task)."""
     if evaluate not in ("all", "victim"):
         raise ValueError(f"evaluate must be 'all' or 'victim'; got {evaluate!r}")
@@ -237,7 +247,12 @@ def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: s
     recipe = suite.recipe_hash()
     plan = Plan(suite)
     for seed, victim in itertools.product(seeds, tasks):
-        plan.cells.append(Cell("baseline", suite.name, recipe, victim, tuple(t for t in suite.tasks if t != victim), seed))
+        others = tuple(t for t in suite.tasks if t != victim)
+        plan.cells.append(Cell("baseline", suite.name, recipe, victim, others, seed))
+        for d in defense_objs:
+            if d.name != "none":  # the unprotected expert's metric is the baseline cell's
+                plan.cells.append(Cell("utility", suite.name, recipe, victim, others, seed, d,
+                                       na_reason=defense_applicability(d, features)))
         for group in partner_sets(suite.tasks, victim, partners):
             for d, a, m in itertools.product(defense_objs, attack_objs, merge_objs):
                 # The reference row is the unprotected plain merge; other attacks on an

@@ -1,6 +1,7 @@
 """Executes planned cells stage by stage, with content-addressed caching.
 
 Stages of a merge cell (DESIGN §3): protect -> utility -> prepare -> merge -> finish -> evaluate.
+A utility cell runs protect -> utility only, and a baseline cell evaluates θ_pre and the expert.
 Artifacts are cached on disk under ``<cache>/artifacts/<key>`` (key: expert hash, defense spec,
 seed); evaluations are cached in the store's stage table under a hash of the evaluated weights,
 the head, the task and the suite recipe. Cells already in the store are skipped before any model
@@ -185,6 +186,8 @@ class Runner:
         try:
             if cell.kind == "baseline":
                 metrics, prov, worked = self._baseline(cell)
+            elif cell.kind == "utility":
+                metrics, prov, worked = self._utility(cell)
             else:
                 metrics, prov, worked = self._merge_cell(cell)
         except NotApplicableError as exc:  # discovered only when running (a suite without a fine-tuning recipe)
@@ -203,6 +206,22 @@ class Runner:
         ft, w2 = self._evaluate(expert.body, expert.head, cell.victim, merged=False)
         prov = {"hashes": {"pretrained": self.suite.pretrained_hash(), "expert": state_hash(expert.body)}}
         return self._metrics("pretrained", cell.victim, pre) + self._metrics("expert", cell.victim, ft), prov, w1 or w2
+
+    def _utility(self, cell: Cell) -> tuple[list[Metric], dict[str, Any], bool]:
+        """The defense's artifact alone on the victim task (the same cached evaluation its merge cells record)."""
+        expert = self.suite.expert(cell.victim)
+        art, meta, worked = self.protect(cell, expert)
+        head = art.head if art.head is not None else expert.head
+        t0 = time.time()
+        utility, w = self._evaluate(art, head, cell.victim, merged=False, body_hash=meta["artifact_hash"])
+        prov = {
+            "hashes": {"pretrained": self.suite.pretrained_hash(), "expert": meta["expert_hash"],
+                       "artifact": meta["artifact_hash"]},
+            "timings": {"protect": meta["protect_seconds"], "evaluate": round(time.time() - t0, 3)},
+            "defense_notes": art.notes,
+            "flags": {"function_preservation": meta.get("function_preservation")},
+        }
+        return self._metrics("utility", cell.victim, utility), prov, worked or w
 
     def protect(self, cell: Cell, expert: Expert) -> tuple[Artifact, dict[str, Any], bool]:
         """The defense's artifact for the victim expert: from the artifact cache, or computed and cached."""

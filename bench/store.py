@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS cells (
     cell_id TEXT PRIMARY KEY,
     run_id TEXT NOT NULL,
-    kind TEXT NOT NULL,            -- 'baseline' or 'merge'
+    kind TEXT NOT NULL,            -- 'baseline', 'utility' or 'merge'
     suite TEXT NOT NULL,
     victim TEXT NOT NULL,
     partners TEXT NOT NULL,        -- comma-separated task names

@@ -23,7 +23,23 @@ def test_plan_includes_baselines_and_reference_cells(toy_suite) -> None:
     kinds = [(c.kind, c.defense_label, c.merge_label) for c in plan.cells]
     assert kinds.count(("baseline", "-", "-")) == 3
     assert ("merge", "none", "ta") in kinds and ("merge", "toy-scale", "wa") in kinds
+    # one utility cell per victim for the defense; none for the unprotected expert (its baseline says it)
+    assert kinds.count(("utility", "toy-scale", "-")) == 3 and not any(k[:2] == ("utility", "none") for k in kinds)
     assert len({c.cell_id for c in plan.cells}) == len(plan.cells)
+
+
+def test_utility_cell_is_not_applicable_where_the_defense_is(toy_suite) -> None:
+    class NeedsConv(Defense):
+        name = "needs-conv-test"
+        applies_to = frozenset({"conv_channels"})
+
+        def protect(self, expert, ctx):
+            raise AssertionError("never protected")
+
+    defenses.register("needs-conv-test", obj=NeedsConv) if "needs-conv-test" not in defenses else None
+    plan = build_plan(toy_suite, defense="needs-conv-test", merge="ta", victims=["t10"])
+    cell = next(c for c in plan.cells if c.kind == "utility")
+    assert cell.na_reason == "defense needs-conv-test needs conv_channels, which this architecture lacks"
 
 
 def test_attack_over_budget_is_not_applicable(toy_suite) -> None:
@@ -59,6 +75,10 @@ def test_run_then_warm_rerun_does_no_model_work(toy_suite, tmp_path) -> None:
     assert base.value("expert") > base.value("pretrained")  # the expert learned its task
     ref, prot = recs[("none", "merge")], recs[("toy-scale", "merge")]
     assert ref.value("utility") == pytest.approx(base.value("expert"))
+    # the utility cell measures the artifact its merge cells merged: the same weights, the same number
+    util = recs[("toy-scale", "utility")]
+    assert util.provenance["hashes"]["artifact"] == prot.provenance["hashes"]["artifact"]
+    assert util.value("utility") == prot.value("utility") and util.metrics[0].role == "utility"
     for r in (ref, prot):
         assert r.provenance["hashes"]["merged"] and r.provenance["timings"]["merge"] >= 0
         assert r.spec["merge"]["params"]["lambda_"] == pytest.approx(0.3)
@@ -87,8 +107,9 @@ def test_failing_plugin_fails_its_cell_not_the_run(toy_suite, tmp_path) -> None:
     with Store(tmp_path / "r.sqlite") as store:
         s = run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
         failed = [r for r in store.cells() if r.status == "failed"]
-    assert s.failed == 1 and s.ok == len(plan.cells) - 1
-    assert failed[0].defense == "broken-test" and "boom" in failed[0].reason
+    assert s.failed == 2 and s.ok == len(plan.cells) - 2  # its utility cell and its merge cell
+    assert {r.kind for r in failed} == {"utility", "merge"}
+    assert all(r.defense == "broken-test" and "boom" in r.reason for r in failed)
 
 
 def test_false_function_preservation_claim_is_flagged(toy_suite, tmp_path) -> None:
@@ -239,8 +260,9 @@ def test_victim_only_evaluation_is_its_own_cell_and_skips_partners(toy_suite, tm
     lean = build_plan(toy_suite, defense="toy-scale", merge="ta", victims=["t10"], evaluate="victim")
     ids = lambda plan: {c.cell_id: c for c in plan.cells}  # noqa: E731
     shared = set(ids(full)) & set(ids(lean))
-    # the reference (none/none) and baseline cells are the same measurement; the protected cell is not
-    assert {(c.kind, c.defense_label) for i, c in ids(lean).items() if i in shared} == {("baseline", "-"), ("merge", "none")}
+    # the reference (none/none), baseline and utility cells are the same measurement; the protected merge is not
+    assert ({(c.kind, c.defense_label) for i, c in ids(lean).items() if i in shared}
+            == {("baseline", "-"), ("utility", "toy-scale"), ("merge", "none")})
     with Store(tmp_path / "r.sqlite") as store:
         run_local(toy_suite, store, lean.cells, run_id="a", log=lambda m: None)
         merged_tasks = {r.defense: {m.task for m in r.metrics if m.role == "merged"} for r in store.cells(kind="merge")}
@@ -258,3 +280,19 @@ def test_results_for_one_defense_keep_the_baselines_and_the_reference(toy_suite,
     assert main(["results", "--defense", "toy-scale", "--store", str(tmp_path / "r.sqlite")]) == 0
     text = capsys.readouterr().out
     assert "'pretrained'" in text and "'expert'" in text and "'toy-scale', 'none', 'ta'" in text and "'none', 'none', 'ta'" in text
+
+
+def test_structure_changed_release_gets_its_utility_measured_under_attack_none(toy_suite, tmp_path) -> None:
+    # TaylorMLP releases an FFN θ_pre does not have: no plain merge can combine it, but the artifact
+    # alone still has a utility, and the run must record it.
+    plan = build_plan(toy_suite, defense="taylormlp", attack="none", merge="ta", victims=["t10"])
+    with Store(tmp_path / "r.sqlite") as store:
+        run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
+        recs = {(r.defense, r.kind): r for r in store.cells()}
+    assert recs[("taylormlp", "merge")].status == "na"
+    util, base = recs[("taylormlp", "utility")], recs[("-", "baseline")]
+    assert util.status == "ok", util.reason
+    assert util.provenance["defense_notes"] and util.provenance["timings"]["protect"] > 0
+    # a Taylor expansion approximates the expert: it keeps the expert's learned accuracy, not θ_pre's
+    assert util.value("utility") == pytest.approx(base.value("expert"), abs=0.1)
+    assert base.value("expert") - base.value("pretrained") > 0.2

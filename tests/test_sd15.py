@@ -164,7 +164,7 @@ def test_harness_run_with_a_function_preserving_defense_keeps_the_unet_output(su
     summary = run_local(suite, store, plan.cells, run_id="sd-test", log=lambda _: None)
     records = store.cells(suite="sd15-styles")
     assert summary.failed == 0 and {r.status for r in records} == {"ok"}, [r.reason for r in records]
-    protected = next(r for r in records if r.defense == "params")
+    protected = next(r for r in records if r.kind == "merge" and r.defense == "params")
     check = protected.provenance["flags"]["function_preservation"]
     assert check["ok"] and check["max_abs_diff"] < 1e-4
     assert {m.task for m in protected.metrics if m.role == "merged"} == {"style-a", "style-b"}

@@ -41,10 +41,12 @@ def trains_to_merge(cell: Cell) -> bool:
 
 def group_cells(cells: Sequence[Cell]) -> list[list[Cell]]:
     """Cells sharing an artifact, in running order: baselines (cheap, they fill the evaluation cache),
-    then every group's cheap merges, then the merges that train, so a stopped run has the most cells."""
+    then every group's utility cell and cheap merges, then the merges that train, so a stopped run has
+    the most cells. A utility cell joins its defense's cheap merges (same victim, partners, seed), so one
+    worker computes the artifact that they share."""
     groups: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
-        groups[(trains_to_merge(c), c.kind, c.victim, c.partners, c.defense_label, c.seed)].append(c)
+        groups[(trains_to_merge(c), c.kind == "baseline", c.victim, c.partners, c.defense_label, c.seed)].append(c)
     return sorted(groups.values(), key=lambda g: (g[0].kind != "baseline", trains_to_merge(g[0])))
 
 
