@@ -224,8 +224,9 @@ def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: s
                budget: AttackNeeds = DEFAULT_BUDGET, evaluate: Literal["all", "victim"] = "all") -> Plan:
     """Cells of the cross-product; baseline cells and the none/none reference cells are always included,
     and one utility cell per (seed, victim, defense), so a defense's standalone metric is measured even
-    where every merge cell is N/A (a structure-changed release under attack ``none``). ``evaluate="victim"`` evaluates merged models on the victim task only (partner side effects are then
-    not measured, except in the reference cells, which always evaluate every task)."""
+    where every merge cell is N/A (a structure-changed release under attack ``none``).
+    ``evaluate="victim"`` evaluates merged models on the victim task only (partner side effects are
+    then not measured, except in the reference cells, which always evaluate every task)."""
     if evaluate not in ("all", "victim"):
         raise ValueError(f"evaluate must be 'all' or 'victim'; got {evaluate!r}")
     params = params or {}

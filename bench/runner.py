@@ -207,21 +207,24 @@ class Runner:
         prov = {"hashes": {"pretrained": self.suite.pretrained_hash(), "expert": state_hash(expert.body)}}
         return self._metrics("pretrained", cell.victim, pre) + self._metrics("expert", cell.victim, ft), prov, w1 or w2
 
-    def _utility(self, cell: Cell) -> tuple[list[Metric], dict[str, Any], bool]:
-        """The defense's artifact alone on the victim task (the same cached evaluation its merge cells record)."""
-        expert = self.suite.expert(cell.victim)
+    def _protected(self, cell: Cell, expert: Expert) -> tuple[Artifact, dict[str, Any], StateDict, dict[str, float], bool]:
+        """Stages protect and utility: the artifact, its metadata, its head and its metrics alone on the victim task."""
         art, meta, worked = self.protect(cell, expert)
         head = art.head if art.head is not None else expert.head
-        t0 = time.time()
         utility, w = self._evaluate(art, head, cell.victim, merged=False, body_hash=meta["artifact_hash"])
+        return art, meta, head, utility, worked or w
+
+    def _utility(self, cell: Cell) -> tuple[list[Metric], dict[str, Any], bool]:
+        """The defense's artifact alone on the victim task (the same cached evaluation its merge cells record)."""
+        art, meta, _head, utility, worked = self._protected(cell, self.suite.expert(cell.victim))
         prov = {
             "hashes": {"pretrained": self.suite.pretrained_hash(), "expert": meta["expert_hash"],
                        "artifact": meta["artifact_hash"]},
-            "timings": {"protect": meta["protect_seconds"], "evaluate": round(time.time() - t0, 3)},
+            "timings": {"protect": meta["protect_seconds"]},
             "defense_notes": art.notes,
             "flags": {"function_preservation": meta.get("function_preservation")},
         }
-        return self._metrics("utility", cell.victim, utility), prov, worked or w
+        return self._metrics("utility", cell.victim, utility), prov, worked
 
     def protect(self, cell: Cell, expert: Expert) -> tuple[Artifact, dict[str, Any], bool]:
         """The defense's artifact for the victim expert: from the artifact cache, or computed and cached."""
@@ -260,10 +263,7 @@ class Runner:
         suite = self.suite
         expert = suite.expert(cell.victim)
         partners = [suite.expert(t) for t in cell.partners]
-        art, meta, worked = self.protect(cell, expert)
-        victim_head = art.head if art.head is not None else expert.head
-        utility, w = self._evaluate(art, victim_head, cell.victim, merged=False, body_hash=meta["artifact_hash"])
-        worked |= w
+        art, meta, victim_head, utility, worked = self._protected(cell, expert)
         timings: dict[str, float] = {"protect": meta["protect_seconds"]}
         ctx = AttackContext(
             suite=suite, victim=cell.victim, partners=cell.partners, base=suite.pretrained(), arch=suite.arch_map(),
