@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from bench.artifact import Artifact
 from bench.suite import Batch, Suite
 from bench.weights import StateDict
 
@@ -32,11 +33,19 @@ def budget_batches(suite: Suite, task: str, budget: TrainBudget, seed: int) -> l
     return batches
 
 
-def finetune_body(suite: Suite, body: StateDict, head: StateDict, task: str, budget: TrainBudget, *, seed: int,
-                  gradient_hook: GradientHook | None = None) -> StateDict:
+def finetune_body(suite: Suite, body: StateDict | Artifact, head: StateDict, task: str, budget: TrainBudget, *,
+                  seed: int, gradient_hook: GradientHook | None = None, data: Sequence[Batch] | None = None) -> StateDict:
     """Train the body (head frozen: the released head is what the free-rider keeps) for ``budget.steps``
-    optimiser steps, cycling over the fixed budget set; returns the new body."""
-    data = budget_batches(suite, task, budget, seed)
+    optimiser steps of the suite's recipe optimiser (`Suite.make_optimizer`), cycling over the fixed
+    budget set; returns the new body (for an `Artifact`, its released tensors, trained).
+
+    ``data``: the budget set when the caller drew it already (an attack that trains twice on the same
+    k samples passes the one draw to both); otherwise `budget_batches` draws it with ``seed``, which
+    also seeds the training randomness (dropout).
+    """
+    data = list(data) if data is not None else budget_batches(suite, task, budget, seed)
+    if not data:
+        raise ValueError(f"the attack's labelled set for task {task!r} is empty")
     model = suite.task_model(body, head, task)
     model.train()
     for p in model.parameters():
@@ -57,7 +66,8 @@ def finetune_body(suite: Suite, body: StateDict, head: StateDict, task: str, bud
             opt.step()
     model.eval()
     trained = {k: v.detach().clone() for k, v in model.body.state_dict().items()}
-    return {k: trained[k].to(v.dtype) if k in trained else v for k, v in body.items()}
+    state = body.state if isinstance(body, Artifact) else body
+    return {k: trained[k].to(v.dtype) if k in trained else v for k, v in state.items()}
 
 
 def body_parameter_names(model: nn.Module) -> list[str]:

@@ -29,10 +29,9 @@ MAX_CONDITION = 1e12
 
 
 @dataclass(frozen=True)
-class AnchorAlignParams:
-    coupling: Literal["paired", "independent"] = "paired"
-    """'paired': one transform per QK and per VO branch, applied consistently (exactly function-preserving);
-    'independent': Q, K, V, O each solved on its own, as the public code does."""
+class AnchorSolveParams:
+    """What both couplings share (``anchor-align-indep`` has only these: its coupling is its name)."""
+
     ridge: float = 1e-8
     """Ridge λ of the least-squares solves (the code's ``lambda_reg``)."""
     attention: bool = True
@@ -45,6 +44,13 @@ class AnchorAlignParams:
             raise ParamError(f"anchor-align ridge must be >= 0; got {self.ridge}")
         if not (self.attention or self.mlp):
             raise ParamError("anchor-align needs attention=true or mlp=true; with both off it does nothing")
+
+
+@dataclass(frozen=True)
+class AnchorAlignParams(AnchorSolveParams):
+    coupling: Literal["paired", "independent"] = "paired"
+    """'paired': one transform per QK and per VO branch, applied consistently (exactly function-preserving);
+    'independent': Q, K, V, O each solved on its own, as the public code does (= ``anchor-align-indep``)."""
 
 
 @attacks.register("anchor-align")
@@ -96,14 +102,19 @@ class AnchorAlign(Attack):
     def needs(self) -> AttackNeeds:
         return AttackNeeds(anchor=True)
 
+    def coupling(self) -> str:
+        """'paired' or 'independent': how the attention transforms are solved."""
+        return self.params.coupling
+
     def prepare(self, artifact: Artifact, ctx: AttackContext) -> Artifact:
         state = require_standard(artifact, ctx.base, self.name)
-        notes: dict[str, Any] = {"attack": self.name, "coupling": self.params.coupling, "skipped_transforms": 0,
+        coupling = self.coupling()
+        notes: dict[str, Any] = {"attack": self.name, "coupling": coupling, "skipped_transforms": 0,
                                  "moved_hidden_units": 0}
         if self.params.attention:
             for layer in ctx.arch.attention_layers():
                 assert layer.attention is not None
-                if self.params.coupling == "paired":
+                if coupling == "paired":
                     notes["skipped_transforms"] += align_attention_paired(state, ctx.base, layer.attention, self.params.ridge)
                 else:
                     align_attention_independent(state, ctx.base, layer.attention, self.params.ridge)
@@ -112,6 +123,28 @@ class AnchorAlign(Attack):
                 assert layer.mlp is not None
                 notes["moved_hidden_units"] += match_mlp_by_cosine(state, ctx.base, layer.mlp)
         return Artifact(state=state, head=artifact.head, notes=notes)
+
+
+@attacks.register("anchor-align-indep")
+class AnchorAlignIndependent(AnchorAlign):
+    """Anchor-guided attack exactly as the public AGA code solves it: Q, K, V and O each by its own least squares.
+
+    The same attack as ``anchor-align`` with ``coupling=independent`` (see `AnchorAlign` for the
+    steps), registered under its own name so that the standard attack set holds both solves: the
+    code's (``attack_attention_headwise_precise`` in krumpguo/secure-merge-attack
+    ``utils_attack_B32.py``), whose separate estimates need not satisfy ``T_q T_kᵀ = I`` and so only
+    approximately keep what the artifact computes, and our coupled one, which keeps it exactly but
+    fits one transform to two sides at once. Neither dominates: which lands closer to the expert
+    depends on the defense and the task vector, and the worst case over the standard set takes
+    whichever recovers more.
+    """
+
+    name = "anchor-align-indep"
+    version = "1"
+    Params = AnchorSolveParams
+
+    def coupling(self) -> str:
+        return "independent"
 
 
 # ---------------------------------------------------------------- attention, paired

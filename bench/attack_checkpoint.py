@@ -10,7 +10,6 @@ labelled data take it from ``data`` in the forms `bench protect` accepts.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -18,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from bench.artifact import Artifact
-from bench.checkpoint_io import copy_side_files, write_sharded
+from bench.checkpoint_io import check_out_parent, copy_side_files, write_sharded
 from bench.families.family import Family
 from bench.plan import make_attacks, make_merge
 from bench.plugins import Attack, AttackContext, CompositeAttack
 from bench.protect import Checkpoint, data_suite, fit_probe_head, read_checkpoint, resolve_family, split_body
 from bench.runner import peak_rss_mb
-from bench.weights import CheckpointError, StateDict, is_mergeable, state_hash
+from bench.store import strict_json
+from bench.weights import CheckpointError, StateDict, assert_finite, is_mergeable, state_hash
 
 VARIANT_KEY = "mergearena.variant"
 
@@ -59,8 +59,11 @@ def attack_checkpoint(attack: str | Sequence[str], artifact_path: str | os.PathL
     steps = [make_attacks(n, params)[0] for n in names]
     atk: Attack = steps[0] if len(steps) == 1 else CompositeAttack(steps)
     out = Path(out_path)
+    check_out_parent(out)
     art_ckpt = read_checkpoint(artifact_path)
+    assert_finite(art_ckpt.tensors, f"artifact {artifact_path}")
     base_ckpt = read_checkpoint(base_path)
+    assert_finite(base_ckpt.tensors, f"base {base_path}")
     try:
         fam = resolve_family(base_ckpt, family)
     except CheckpointError:  # θ_pre given as a bare .safetensors file: the release's config.json says the family
@@ -100,6 +103,7 @@ def attack_checkpoint(attack: str | Sequence[str], artifact_path: str | os.PathL
         t0 = time.time()
         result = atk.finish(result, ctx)
         timings["finish"] = round(time.time() - t0, 3)
+    assert_finite(result, "the attacked model" if merge_choice is None else "the attacked merge")
     # The output: the artifact checkpoint's non-body tensors, the attacked body under the original prefix.
     body_keys = {prefix + k for k in body}
     tensors: StateDict = {k: v for k, v in art_ckpt.tensors.items() if k not in body_keys}
@@ -114,5 +118,5 @@ def attack_checkpoint(attack: str | Sequence[str], artifact_path: str | os.PathL
             "artifact_hash": state_hash(body), "output_hash": state_hash(result), "seed": seed,
             "cost": {"seconds": timings, "peak_rss_mb_delta": round(peak_rss_mb() - rss0, 1)}}
     note_path = out.with_suffix(".attack.json") if out.suffix == ".safetensors" else out / "attack.json"
-    note_path.write_text(json.dumps(note, indent=1, sort_keys=True, default=str))
+    note_path.write_text(strict_json(note, indent=1, sort_keys=True))
     return note

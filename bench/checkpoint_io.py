@@ -1,20 +1,34 @@
 """Checkpoint-level merging for `bench merge`: Hugging Face directories or `.safetensors` files,
-read lazily and merged tensor by tensor, written in shards, so peak memory is a shard plus a few
-tensors rather than a few models (mergekit's out-of-core pattern)."""
+read lazily and merged tensor by tensor (a large tensor in row blocks), each block written straight
+to its place in the output shards, so peak memory is a few blocks rather than a few models or a
+shard (`bench.outofcore`; mergekit's out-of-core pattern, without its whole-shard buffer)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+import uuid
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.outofcore import BLOCK_ELEMENTS, Block, ShardWriter, output_layout, tensorwise_blocks
+from bench.params import params_dict
 from bench.registry import merges
-from bench.weights import CheckpointError, open_checkpoint, save_state
+from bench.weights import (
+    CheckpointError,
+    FiniteChecked,
+    check_finite_tensor,
+    open_checkpoint,
+    quick_finite,
+    read_metadata,
+    save_state,
+)
 
 SHARD_BYTES = 2 * 1024**3
 
@@ -62,7 +76,8 @@ def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out: str | os.Pat
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".pkl")
-_NOTES = ("protection.json", "attack.json")
+MERGE_NOTE = "merge.json"
+_NOTES = ("protection.json", "attack.json", MERGE_NOTE)
 SHARD_INDEX = "model.safetensors.index.json"
 
 
@@ -80,24 +95,153 @@ def copy_side_files(src: Path, out: Path, *, shard_index: bool = True) -> list[s
     return copied
 
 
+# ---------------------------------------------------------------- output paths
+
+
+def check_out_parent(out: Path) -> None:
+    """Raise `ValueError` when ``out`` cannot be created because a parent of it is not a directory."""
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out}: {parent} is a file, not a directory")
+            return
+
+
+def _written_by_merge(path: Path) -> bool:
+    try:
+        return "mergearena.method" in read_metadata(path)
+    except Exception:
+        return False
+
+
+def check_merge_out(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an ``--out`` that is (or holds) an input, or that holds anything a previous `bench merge`
+    did not write (a directory is recognised by its `MERGE_NOTE`, a file by its safetensors metadata)."""
+    check_out_parent(out)
+    resolved = out.resolve()
+    for src in inputs:
+        if src.resolve() == resolved or resolved in src.resolve().parents:
+            raise ValueError(f"--out {out} is the input {src} or holds it; write the merge somewhere else")
+    if not out.exists():
+        return
+    if out.suffix == ".safetensors":
+        if not out.is_file() or not _written_by_merge(out):
+            raise ValueError(f"--out {out} exists and was not written by bench merge; remove it or choose another path")
+        return
+    if not out.is_dir():
+        raise ValueError(f"--out {out} is a file; pass a new directory or a path ending in .safetensors")
+    present = sorted(f.name for f in out.iterdir())
+    if not present:
+        return
+    try:
+        listed = set(json.loads((out / MERGE_NOTE).read_text())["files"])
+    except (OSError, ValueError, KeyError, TypeError):
+        listed = set()
+    stray = [name for name in present if name not in listed and name != MERGE_NOTE]
+    if stray or not listed:
+        raise ValueError(f"--out {out} holds files bench merge did not write (e.g. {(stray or present)[0]}); "
+                         "choose a new or empty directory")
+
+
+@contextmanager
+def staged_output(out: Path) -> Iterator[Path]:
+    """A temporary path beside ``out`` to write to; moved into place (replacing a previous output) only
+    when the block completes, removed, with any parent directory it created, when it fails."""
+    created = [p for p in reversed(out.parents) if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tag = uuid.uuid4().hex[:8]
+    if out.suffix == ".safetensors":
+        tmp = out.with_name(f".{out.stem}.partial-{tag}{out.suffix}")
+    else:
+        tmp = out.with_name(f".{out.name}.partial-{tag}")
+    try:
+        yield tmp
+        if tmp.is_dir() and out.is_dir():
+            old = out.with_name(f".{out.name}.old-{tag}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        elif tmp.exists():
+            tmp.unlink()
+        for parent in reversed(created):
+            try:
+                parent.rmdir()
+            except OSError:
+                break
+        raise
+
+
+# ---------------------------------------------------------------- bench merge
+
+
+def refusal_reason(method: Any) -> str:
+    """Why `bench merge` cannot run ``method`` on checkpoints alone: what it needs that a checkpoint merge lacks."""
+    name = method.name
+    if getattr(method, "labelled_param", ""):
+        return (f"merge method {name!r} tunes its coefficients on labelled samples of a victim task "
+                f"(parameter {method.labelled_param!r}), which checkpoints alone do not provide; run it through "
+                f"`bench run --merge {name}` on a suite")
+    if method.needs_data:
+        return (f"merge method {name!r} learns its coefficients by running the merged model on unlabelled inputs "
+                f"of the merged tasks, which checkpoints alone do not provide; run it through `bench run --merge {name}` "
+                "on a suite")
+    return (f"merge method {name!r} merges whole models in memory and has no out-of-core form; call its "
+            "MergeMethod.merge on loaded state dicts")
+
+
+def merged_blocks(method: Any) -> Callable[..., Iterator[Block]]:
+    """``blocks(base, experts, params, *, seed, block_elements)`` of a method `bench merge` can stream, else
+    `CheckpointError` with the reason it cannot."""
+    if method.tensorwise:
+        return functools.partial(tensorwise_blocks, method)
+    stream = getattr(method.fn, "model_blocks", None)
+    if stream is None:
+        raise CheckpointError(refusal_reason(method))
+    return stream
+
+
 def merge_checkpoints(method_name: str, base: str, models: list[str], out: str, params: Mapping[str, str],
-                      seed: int = 0, *, shard_bytes: int = SHARD_BYTES) -> Path:
-    """Merge ``models`` onto ``base`` with a tensor-wise method and write the result (shards of at most
-    ``shard_bytes`` when ``out`` is a directory: the shard being filled is the largest buffer held)."""
+                      seed: int = 0, *, shard_bytes: int = SHARD_BYTES, block_elements: int = BLOCK_ELEMENTS) -> Path:
+    """Merge ``models`` onto ``base`` and write the result, out of core (`bench.outofcore`).
+
+    Tensor-wise methods merge tensor by tensor, a large tensor in row blocks of ``block_elements``
+    entries; ``ties-global`` first passes over the model for its global thresholds. Each merged block
+    is written at once at its place in the output (one ``.safetensors`` file when ``out`` ends in it,
+    else shards of at most ``shard_bytes``), so what is held is a few blocks, whatever the model size.
+
+    The output appears only when complete (written beside it, then renamed into place); an ``out`` that
+    is an input or holds files a previous merge did not write is refused, and every input and merged
+    tensor must be finite (a NaN or Inf names its tensor and writes nothing).
+    """
     method = merges.get(method_name)
-    if not method.tensorwise:
-        raise CheckpointError(f"merge method {method_name!r} learns its coefficients on task data; use it through `bench run`")
+    blocks_of = merged_blocks(method)
     parsed = method.parse(params)
-    base_sd = open_checkpoint(base)
-    experts = [open_checkpoint(m) for m in models]
+    out_path = Path(out)
+    check_merge_out(out_path, [Path(base), *map(Path, models)])
+    base_sd = FiniteChecked(open_checkpoint(base), f"base {base}")
+    experts = [FiniteChecked(open_checkpoint(m), f"model {m}") for m in models]
     for path, e in zip(models, experts):
         missing = [k for k in base_sd if k not in e]
         if missing:
             raise CheckpointError(f"{path} lacks {len(missing)} tensor(s) of the base, e.g. {missing[:3]}")
     meta = {"mergearena.method": method_name, "mergearena.params": json.dumps(method.spec(parsed)["params"], sort_keys=True)}
-    result = write_sharded(method.merge_iter(base_sd, experts, parsed, seed=seed), out, shard_bytes=shard_bytes,
-                           metadata=meta)
-    src = Path(models[0]) if Path(models[0]).is_dir() else Path(base)
-    if src.is_dir() and Path(out).suffix != ".safetensors":
-        copy_side_files(src, Path(out), shard_index=False)
-    return result
+    blocks = blocks_of(base_sd, experts, params_dict(parsed), seed=seed, block_elements=block_elements)
+    with staged_output(out_path) as tmp:
+        with ShardWriter(tmp, output_layout(base_sd), shard_bytes=shard_bytes, metadata=meta) as writer:
+            for name, start, block in blocks:
+                if not quick_finite(block):
+                    check_finite_tensor(name, block, "the merged model")
+                writer.write(name, start, block)
+        src = Path(models[0]) if Path(models[0]).is_dir() else Path(base)
+        if tmp.is_dir():
+            if src.is_dir():
+                copy_side_files(src, tmp, shard_index=False)
+            note = {"method": method.spec(parsed), "seed": seed, "base": str(base), "models": [str(m) for m in models],
+                    "files": sorted(f.name for f in tmp.iterdir())}
+            (tmp / MERGE_NOTE).write_text(json.dumps(note, indent=1, sort_keys=True, allow_nan=False))
+    return out_path

@@ -25,11 +25,15 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from bench.params import ParamError
 from bench.registry import RegistryError, attacks, defenses, families, merges, suites
 from bench.suite import MissingAssetError
 from bench.weights import CheckpointError
+
+if TYPE_CHECKING:
+    from bench.plan import Plan
 
 STORE_ENV = "MERGEARENA_STORE"
 DEFAULT_SUITE = "text-minilm"
@@ -62,6 +66,49 @@ def _describe(kind: str, name: str) -> dict:
 
 def _make_suite(name: str, cache_dir: str | None):
     return suites.get(name)(cache_dir=cache_dir)
+
+
+def _key_values(items: Sequence[str], flag: str = "--param") -> dict[str, str]:
+    """``["k=0.2", "aggregate=sum"]`` -> ``{"k": "0.2", "aggregate": "sum"}``; one line for a malformed item."""
+    bad = [p for p in items if "=" not in p or not p.split("=", 1)[0]]
+    if bad:
+        raise UserError(f"{flag} {bad[0]!r}: expected KEY=VALUE, e.g. lambda_=0.5")
+    return dict(p.split("=", 1) for p in items)
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(s) for s in str(text).split(",") if s.strip()]
+    except ValueError:
+        seeds = []
+    if not seeds:
+        raise UserError(f"--seeds {text!r}: expected a comma list of integers, e.g. 0,1,2")
+    return seeds
+
+
+def _plugins_in(plans: Sequence[Plan]) -> set[str]:
+    """Names of the defenses, attacks (each step of a composite) and merge methods the plans' cells use."""
+    from bench.plugins import CompositeAttack
+
+    names: set[str] = set()
+    for plan in plans:
+        for c in plan.cells:
+            if c.defense is not None:
+                names.add(c.defense.name)
+            if c.attack is not None:
+                names.update(s.name for s in (c.attack.steps if isinstance(c.attack, CompositeAttack) else (c.attack,)))
+            if c.merge is not None:
+                names.add(c.merge.method.name)
+    return names
+
+
+def _check_param_targets(params: dict[str, dict[str, str]], in_run: set[str]) -> None:
+    """A --param for a plugin the run does not use would be silently ignored: refuse it instead."""
+    for plugin, values in params.items():
+        if plugin not in in_run:
+            key, value = next(iter(values.items()))
+            raise UserError(f"--param {plugin}.{key}={value}: no plugin {plugin!r} in this run "
+                            f"(it uses {', '.join(sorted(in_run))})")
 
 
 # ---------------------------------------------------------------- commands
@@ -106,15 +153,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     from bench.plugins import AttackNeeds
     from bench.report import summary_tables
     from bench.runner import environment
-    from bench.store import Store
+    from bench.store import Store, check_store_path
 
     suite_names = [s.strip() for s in args.suite.split(",") if s.strip()]
     if suite_names == ["all"]:
         suite_names = suites.names()
     params = parse_param_args(args.param)
+    seeds = _seeds(args.seeds)
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: expected at least 1 worker process")
+    check_store_path(Path(args.store))
     budget = AttackNeeds(anchor=True, labelled=args.budget_labelled, unlabelled=args.budget_unlabelled,
                          finetune_steps=args.budget_steps, knows_defense=not args.defense_unknown)
-    seeds = [int(s) for s in str(args.seeds).split(",") if s.strip()]
     plans = []
     for name in suite_names:
         suite = _make_suite(name, args.cache_dir)
@@ -122,7 +172,12 @@ def cmd_run(args: argparse.Namespace) -> int:
                           victims=args.victims.split(",") if args.victims else None, partners=args.partners,
                           params=params, budget=budget, evaluate=args.evaluate)
         plans.append(plan)
-    store = Store(args.store)
+    _check_param_targets(params, _plugins_in(plans))
+    if args.dry_run:
+        # A dry run writes nothing: it reads an existing store, and plans against an empty one otherwise.
+        store = Store(args.store, readonly=True) if Path(args.store).exists() else Store(":memory:")
+    else:
+        store = Store(args.store)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     from bench.runner import pending
 
@@ -173,13 +228,15 @@ def cmd_results(args: argparse.Namespace) -> int:
     with Store(args.store) as store:
         records = store.cells(**where)
         if args.defense or args.attack:
-            from bench.scoring import REFERENCE
+            from bench.plan import counterpart_spec, spec_id
 
-            # the baselines and the unprotected plain merges are what the selected cells are read against
+            # the baselines and the unprotected and counterfactual cells of the same pipelines are what the
+            # selected cells are read against
             context = store.cells(**({"suite": args.suite} if args.suite else {}))
             chosen = {r.cell_id for r in records}
-            records = [r for r in context if r.cell_id in chosen or r.kind == "baseline"
-                       or (r.defense == REFERENCE and r.attack == REFERENCE)]
+            chosen |= {spec_id(counterpart_spec(r.spec, f)) for r in records if r.kind == "merge"
+                       for f in ("unprotected", "counterfactual")}
+            records = [r for r in context if r.cell_id in chosen or r.kind == "baseline"]
         if args.scores:
             from bench.scoring import format_table, score
 
@@ -219,10 +276,7 @@ def cmd_suite(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     from bench.checkpoint_io import merge_checkpoints
 
-    params = dict(p.split("=", 1) for p in args.param) if args.param else {}
-    bad = [p for p in args.param if "=" not in p]
-    if bad:
-        raise UserError(f"--param {bad[0]!r}: expected KEY=VALUE")
+    params = _key_values(args.param)
     out = merge_checkpoints(args.method, args.base, args.models, args.out, params, seed=args.seed)
     print(f"merged {len(args.models)} model(s) with {args.method} into {out}")
     return 0
@@ -231,7 +285,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
 def cmd_protect(args: argparse.Namespace) -> int:
     from bench.protect import protect_checkpoint
 
-    params = dict(p.split("=", 1) for p in args.param) if args.param else {}
+    params = _key_values(args.param)
     note = protect_checkpoint(args.defense, args.model, args.base, args.out, params, family=args.family,
                               data=args.data, seed=args.seed)
     print(f"protected {args.model} with {args.defense} -> {args.out}")
@@ -245,10 +299,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
     from bench.attack_checkpoint import attack_checkpoint
     from bench.plan import parse_param_args
 
-    merge_params = dict(p.split("=", 1) for p in args.merge_param) if args.merge_param else {}
-    note = attack_checkpoint([a.strip() for a in args.attack.split(",") if a.strip()], args.artifact, args.base, args.out,
+    merge_params = _key_values(args.merge_param, "--merge-param")
+    names = [a.strip() for a in args.attack.split(",") if a.strip()]
+    params = parse_param_args(args.param)
+    _check_param_targets(params, {part for n in names for part in n.split("+")})
+    note = attack_checkpoint(names, args.artifact, args.base, args.out,
                              partners=args.partner, merge=args.merge, merge_params=merge_params,
-                             params=parse_param_args(args.param), family=args.family, data=args.data, seed=args.seed)
+                             params=params, family=args.family, data=args.data, seed=args.seed)
     cost = note["cost"]
     print(f"attacked {args.artifact} with {note['attack']['name']}" + (f", merged with {args.merge}" if args.merge else "")
           + f" -> {args.out}")
@@ -261,7 +318,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
     from bench.validate import validate
 
-    params = dict(p.split("=", 1) for p in args.param) if args.param else {}
+    params = _key_values(args.param)
     checks = validate(args.defense, params, seed=args.seed)
     rows = [[c.family, c.status, f"{c.numbers['distance_expert']:.3g} -> {c.numbers['distance_artifact']:.3g}"
              if "distance_artifact" in c.numbers else "", c.detail] for c in checks]
@@ -362,8 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     common(su, store=False)
     su.set_defaults(func=cmd_suite)
 
-    m = sub.add_parser("merge", help="merge checkpoints (HF directories or .safetensors) tensor by tensor")
-    m.add_argument("--method", required=True)
+    m = sub.add_parser("merge", help="merge checkpoints (HF directories or .safetensors) out of core, a few blocks in memory")
+    m.add_argument("--method", required=True,
+                   help="a tensor-wise method (wa, ta, ties, dare-ta, dare-ties, ...) or ties-global; methods that "
+                        "tune on task data run through `bench run`")
     m.add_argument("--base", required=True, help="θ_pre checkpoint")
     m.add_argument("--models", required=True, nargs="+", help="expert checkpoints")
     m.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")

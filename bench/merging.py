@@ -3,9 +3,13 @@
 Two shapes of method, both registered with `merge_method`:
 
 * **tensor-wise** — ``fn(base: Tensor, experts: list[Tensor], *, generator, <params>) -> Tensor``,
-  applied tensor by tensor over an iterator of names, so peak memory is a few tensors;
+  applied tensor by tensor over an iterator of names, so peak memory is a few tensors; one that
+  also declares a row-block job (``@blockwise``, `bench.outofcore`) merges a large tensor a block of
+  rows at a time, so peak memory is a few blocks;
 * **model-wise** — ``fn(base: StateDict, experts: list[StateDict], *, ctx: MergeContext, <params>)
-  -> StateDict``, for methods that must run the model (AdaMerging).
+  -> StateDict``, for methods that must run the model (AdaMerging) or see the whole model
+  (``ties-global``, which also declares a block stream with ``@streams`` so `bench merge` runs it
+  out of core).
 
 Keyword parameters after the tensors are the method's parameters; the decorator turns them into a
 frozen dataclass (the schema ``bench list`` prints and the CLI's ``--param k=v`` parses), and
@@ -18,27 +22,31 @@ import dataclasses
 import inspect
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
+from bench.outofcore import merged_tensor
 from bench.params import describe_params, params_dict, parse_params
-from bench.plugins import seeded_generator
 from bench.registry import merges
-from bench.weights import CheckpointError, StateDict, is_mergeable
+from bench.weights import CheckpointError, StateDict
 
 _RESERVED = {"base", "experts", "generator", "ctx"}
 
 
 @dataclass
 class MergeContext:
-    """What a model-wise merge may use: the suite, the merged tasks (victim first) and their heads."""
+    """What a model-wise merge may use: the suite, the merged tasks (in the order of the experts) and their heads."""
 
     suite: Any
     tasks: Sequence[str]
     heads: Sequence[StateDict]
     seed: int = 0
+    victim: str = ""
+    """The task whose capability the free-rider wants (what a tuned merge tunes for); '' when none."""
+    notes: dict[str, Any] = field(default_factory=dict)
+    """What the merge chose (a tuned coefficient, ...): recorded in the cell's provenance."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,13 @@ class MergeMethod:
     version: str = "1"
     paper: str = ""
     needs_data: bool = False
-    """Model-wise methods that run the model on unlabelled task inputs."""
+    """Model-wise methods that run the model on task data (unlabelled inputs, or labelled victim samples)."""
+    labelled_param: str = ""
+    """The parameter giving the number of labelled victim samples the method tunes on ('' = it uses none)."""
+
+    def labelled(self, params: Any) -> int:
+        """Labelled victim samples a merge with ``params`` uses (counted against the attacker's budget)."""
+        return int(getattr(params, self.labelled_param)) if self.labelled_param else 0
 
     def __reduce__(self) -> tuple:
         # Pickled by name (for worker processes): the registry gives back the same method.
@@ -79,20 +93,9 @@ class MergeMethod:
             raise CheckpointError("a merge needs at least one expert")
         kwargs = params_dict(params)
         for k in base:
-            b = base[k]
-            xs = []
-            for i, e in enumerate(experts):
-                if k not in e:
-                    raise CheckpointError(f"expert {i} lacks tensor {k!r} present in the base")
-                t = e[k]
-                if tuple(t.shape) != tuple(b.shape):
-                    raise CheckpointError(f"expert {i} tensor {k!r} has shape {tuple(t.shape)}, base {tuple(b.shape)}")
-                xs.append(t)
-            if not is_mergeable(b):
-                yield k, b
-                continue
-            out = self.fn(b.float(), [x.float() for x in xs], generator=seeded_generator(seed, self.name, k), **kwargs)
-            yield k, out.to(b.dtype)
+            # in row blocks when the method declares a block job (bench.outofcore): a few blocks of
+            # temporaries, not a few copies of the tensor; the same result as merging it whole
+            yield k, merged_tensor(self, base, experts, kwargs, k, seed=seed)
 
     def merge(self, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
               params: Any = None, *, ctx: MergeContext | None = None, seed: int = 0) -> StateDict:
@@ -110,11 +113,11 @@ def merge_method_by_name(name: str) -> MergeMethod:
 
 
 def merge_method(name: str, *, tensorwise: bool = True, version: str = "1", paper: str = "",
-                 needs_data: bool = False) -> Callable[[Callable[..., Any]], MergeMethod]:
+                 needs_data: bool = False, labelled_param: str = "") -> Callable[[Callable[..., Any]], MergeMethod]:
     """Register ``fn`` as merge method ``name``; its keyword parameters become its params schema."""
 
     def wrap(fn: Callable[..., Any]) -> MergeMethod:
-        hints = typing.get_type_hints(fn)
+        hints = typing.get_type_hints(fn, include_extras=True)  # keeps Annotated ranges (bench.params.Range)
         fields = []
         for p in inspect.signature(fn).parameters.values():
             if p.name in _RESERVED:
@@ -126,8 +129,10 @@ def merge_method(name: str, *, tensorwise: bool = True, version: str = "1", pape
             fields.append((p.name, hints[p.name], dataclasses.field(default=p.default)))
         params_cls = dataclasses.make_dataclass(f"{fn.__name__}_params", fields, frozen=True)
         params_cls.__doc__ = f"Parameters of merge method {name!r}."
+        if labelled_param and labelled_param not in {f[0] for f in fields}:
+            raise TypeError(f"merge method {name!r}: labelled_param {labelled_param!r} is not one of its parameters")
         method = MergeMethod(name=name, fn=fn, Params=params_cls, tensorwise=tensorwise, version=version,
-                             paper=paper, needs_data=needs_data)
+                             paper=paper, needs_data=needs_data, labelled_param=labelled_param)
         merges.register(name, obj=method)
         return method
 

@@ -1,8 +1,15 @@
 """The cross-product of a run: suite x victim x partner set x defense x attack x merge x seed.
 
-Cells that cannot run are kept with an N/A reason (a defense that needs attention on a CNN, an
-attack that needs more data than the budget, a structure-changed release merged by an attack that
-cannot restore the structure), so the results say *why* a number is missing.
+Every pipeline (victim, partners, attack, merge, seed) is planned with three fillings of the
+victim's slot (DESIGN §4): the protected artifact of each defense ('protected'), the unprotected
+expert ('unprotected') and θ_pre ('counterfactual': the same free-rider, data and partners without
+the victim). The last two do not depend on the defense: one cell each serves every defense, and
+`counterpart_spec` is the one rule that finds them from a protected cell's spec.
+
+Cells that cannot run are kept with an N/A reason and its kind: *structural* (a defense that needs
+attention on a CNN, a structure-changed release merged by an attack that cannot restore the
+structure) or *budget* (an attack or tuned merge that needs more data than the threat model's
+budget grants: a misconfiguration, never an excuse), so the results say *why* a number is missing.
 """
 
 from __future__ import annotations
@@ -20,6 +27,9 @@ from bench.suite import Suite
 from bench.weights import hash_json
 
 PartnerMode = Literal["rest", "pairs"]
+Filling = Literal["protected", "unprotected", "counterfactual"]
+FILLINGS: tuple[Filling, ...] = ("protected", "unprotected", "counterfactual")
+NaKind = Literal["structural", "budget"]
 
 
 @dataclass(frozen=True)
@@ -65,9 +75,17 @@ class Cell:
     """Non-empty when the cell cannot run; stored with status 'na'."""
     evaluate_partners: bool = True
     """Evaluate the merged model on the partner tasks too (their side effect), or on the victim only."""
+    filling: Filling = "protected"
+    """What fills the victim's slot of a merge cell (the defense is None unless 'protected')."""
+    na_kind: NaKind = "structural"
+    """Why an N/A cell cannot run: by the architecture or release ('structural'), or by the budget."""
 
     @property
     def defense_label(self) -> str:
+        """The store's defense column: the defense; 'none' for the unprotected filling (it is what defense
+        ``none`` releases); 'counterfactual' for θ_pre in the victim's slot; '-' for a baseline."""
+        if self.kind == "merge" and self.filling != "protected":
+            return "none" if self.filling == "unprotected" else "counterfactual"
         return self.defense.name if self.defense else "-"
 
     @property
@@ -79,6 +97,7 @@ class Cell:
         return self.merge.label if self.merge else "-"
 
     def spec(self) -> dict[str, Any]:
+        """The frozen identity of the cell: its store key (`cell_id`) and the key its references are found by."""
         spec = {
             "kind": self.kind, "suite": self.suite, "recipe_hash": self.recipe_hash, "victim": self.victim,
             "partners": list(self.partners), "seed": self.seed,
@@ -86,18 +105,47 @@ class Cell:
             "attack": self.attack.spec() if self.attack else None,
             "merge": self.merge.spec() if self.merge else None,
         }
-        if self.kind == "merge" and not self.evaluate_partners:
-            spec["evaluate"] = "victim"  # a different measurement, so a different cell
+        if self.kind == "merge":
+            spec["filling"] = self.filling
+            if self.filling == "protected" and not self.evaluate_partners:
+                spec["evaluate"] = "victim"  # a different measurement, so a different cell
         return spec
 
     @property
     def evaluated_tasks(self) -> tuple[str, ...]:
-        """Tasks the merged model is evaluated on."""
+        """Tasks the merged model is evaluated on: the counterfactual only on the victim (it is the floor
+        of the victim's score); the unprotected filling on every task (the partners' reference)."""
+        if self.filling == "counterfactual":
+            return (self.victim,)
+        if self.filling == "unprotected":
+            return (self.victim, *self.partners)
         return (self.victim, *self.partners) if self.evaluate_partners else (self.victim,)
 
     @property
     def cell_id(self) -> str:
-        return hash_json(self.spec())[:24]
+        return spec_id(self.spec())
+
+
+def counterpart_spec(spec: dict[str, Any], filling: Filling) -> dict[str, Any]:
+    """The spec of the merge cell that runs the same pipeline as ``spec`` (suite, recipe, victim, partners,
+    attack and merge with their params and versions, seed) with ``filling`` in the victim's slot. The
+    unprotected and counterfactual fillings carry no defense and are evaluated as `Cell.evaluated_tasks`
+    says, so one such cell serves every defense."""
+    if spec.get("kind") != "merge":
+        raise ValueError(f"only merge cells have counterparts; this is a {spec.get('kind')!r} cell")
+    if filling not in FILLINGS:
+        raise ValueError(f"unknown filling {filling!r}; use one of {', '.join(FILLINGS)}")
+    out = {k: v for k, v in spec.items() if k not in ("defense", "evaluate", "filling")}
+    out["defense"] = None if filling != "protected" else spec.get("defense")
+    out["filling"] = filling
+    if filling == "protected" and "evaluate" in spec:
+        out["evaluate"] = spec["evaluate"]
+    return out
+
+
+def spec_id(spec: dict[str, Any]) -> str:
+    """The store key of a cell spec (what `Cell.cell_id` is)."""
+    return hash_json(spec)[:24]
 
 
 def attack_label(attack: Attack) -> str:
@@ -200,33 +248,54 @@ def defense_applicability(defense: Defense, features: frozenset[str]) -> str:
     return ""
 
 
-def applicability(defense: Defense, attack: Attack, merge: MergeChoice, features: frozenset[str],
-                  budget: AttackNeeds) -> str:
-    """Why a (defense, attack, merge) cannot run on a suite, or '' when it can."""
-    reason = defense_applicability(defense, features)
-    if reason:
-        return reason
-    over = attack.needs().exceeds(budget)
-    if over:
-        return f"attack {attack_label(attack)} " + "; ".join(over)
-    if defense.changes_structure and not attack.restores_structure:
-        return (f"defense {defense.name} releases a structure θ_pre does not have; a plain merge cannot combine it "
-                f"(attack {attack_label(attack)} does not restore the structure)")
+def pipeline_needs(attack: Attack, merge: MergeChoice) -> AttackNeeds:
+    """What an (attack, merge) pipeline asks of the threat model. A tuned merge tunes on the same
+    labelled victim samples the attack may fine-tune on (the first k of one seeded draw), so the
+    labelled need is the larger of the two, not their sum."""
+    needs = attack.needs()
+    labelled = max(needs.labelled, merge.method.labelled(merge.params))
+    return AttackNeeds(anchor=needs.anchor, labelled=labelled, unlabelled=needs.unlabelled,
+                       finetune_steps=needs.finetune_steps, knows_defense=needs.knows_defense)
+
+
+def pipeline_applicability(attack: Attack, merge: MergeChoice, features: frozenset[str],
+                           budget: AttackNeeds) -> tuple[str, NaKind]:
+    """Why an (attack, merge) pipeline cannot run on a suite whatever fills the victim's slot ('' when it can)."""
     requires = getattr(attack, "requires_features", frozenset())
     if set(requires) - set(features):
-        return f"attack {attack_label(attack)} needs {', '.join(sorted(set(requires) - set(features)))}"
-    return ""
+        return f"attack {attack_label(attack)} needs {', '.join(sorted(set(requires) - set(features)))}", "structural"
+    over = pipeline_needs(attack, merge).exceeds(budget)
+    if over:
+        return f"attack {attack_label(attack)} with merge {merge.label} " + "; ".join(over), "budget"
+    return "", "structural"
+
+
+def applicability(defense: Defense, attack: Attack, merge: MergeChoice, features: frozenset[str],
+                  budget: AttackNeeds) -> tuple[str, NaKind]:
+    """Why a (defense, attack, merge) cannot run on a suite, and the reason's kind; ('', _) when it can."""
+    reason = defense_applicability(defense, features)
+    if reason:
+        return reason, "structural"
+    reason, kind = pipeline_applicability(attack, merge, features, budget)
+    if reason:
+        return reason, kind
+    if defense.changes_structure and not attack.restores_structure:
+        return (f"defense {defense.name} releases a structure θ_pre does not have; a plain merge cannot combine it "
+                f"(attack {attack_label(attack)} does not restore the structure)"), "structural"
+    return "", "structural"
 
 
 def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: str | Sequence[str] = "none",
                merge: str | Sequence[str] = "ta", seeds: Sequence[int] = (0,), victims: Sequence[str] | None = None,
                partners: PartnerMode = "rest", params: Mapping[str, Mapping[str, str]] | None = None,
                budget: AttackNeeds = DEFAULT_BUDGET, evaluate: Literal["all", "victim"] = "all") -> Plan:
-    """Cells of the cross-product; baseline cells and the none/none reference cells are always included,
-    and one utility cell per (seed, victim, defense), so a defense's standalone metric is measured even
-    where every merge cell is N/A (a structure-changed release under attack ``none``).
-    ``evaluate="victim"`` evaluates merged models on the victim task only (partner side effects are
-    then not measured, except in the reference cells, which always evaluate every task)."""
+    """Cells of the cross-product. Per (seed, victim): a baseline cell, one utility cell per defense (its
+    standalone metric, measured even where every merge cell is N/A), and per (partner set, attack,
+    merge) an unprotected and a counterfactual cell shared by every defense, plus a protected cell per
+    defense other than ``none`` (whose protected filling *is* the unprotected cell). The plain merge
+    (attack ``none``) is always planned: it is the honest merger's row.
+    ``evaluate="victim"`` evaluates protected merges on the victim task only (partner side effects are
+    then not measured; the unprotected cells always evaluate every task)."""
     if evaluate not in ("all", "victim"):
         raise ValueError(f"evaluate must be 'all' or 'victim'; got {evaluate!r}")
     params = params or {}
@@ -255,13 +324,17 @@ def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: s
                 plan.cells.append(Cell("utility", suite.name, recipe, victim, others, seed, d,
                                        na_reason=defense_applicability(d, features)))
         for group in partner_sets(suite.tasks, victim, partners):
-            for d, a, m in itertools.product(defense_objs, attack_objs, merge_objs):
-                # The reference row is the unprotected plain merge; other attacks on an
-                # unprotected expert are still informative (their cost, their side effects).
-                reason = applicability(d, a, m, features, budget)
-                reference = d.name == "none" and a.name == "none"
-                plan.cells.append(Cell("merge", suite.name, recipe, victim, group, seed, d, a, m, reason,
-                                       evaluate_partners=evaluate == "all" or reference))
+            for a, m in itertools.product(attack_objs, merge_objs):
+                reason, kind = pipeline_applicability(a, m, features, budget)
+                for filling in ("unprotected", "counterfactual"):
+                    plan.cells.append(Cell("merge", suite.name, recipe, victim, group, seed, None, a, m, reason,
+                                           filling=filling, na_kind=kind))
+                for d in defense_objs:
+                    if d.name == "none":
+                        continue
+                    reason, kind = applicability(d, a, m, features, budget)
+                    plan.cells.append(Cell("merge", suite.name, recipe, victim, group, seed, d, a, m, reason,
+                                           evaluate_partners=evaluate == "all", na_kind=kind))
     return plan
 
 
@@ -277,5 +350,5 @@ def parse_param_args(items: Sequence[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-__all__ = ["Cell", "MergeChoice", "Plan", "build_plan", "make_attacks", "make_defense", "make_merge",
+__all__ = ["FILLINGS", "Cell", "Filling", "MergeChoice", "Plan", "build_plan", "counterpart_spec", "spec_id", "make_attacks", "make_defense", "make_merge",
            "parse_param_args", "params_dict", "standard_attacks"]

@@ -76,6 +76,11 @@ class DefenseContext:
         return seeded_generator(self.seed, self.task, *salt)
 
 
+PRESERVATION_TOLERANCE = 1e-3
+"""The one tolerance of the function-preservation check (runner, `bench validate`, scoring): a defense
+claiming it may change logits by at most ``PRESERVATION_TOLERANCE * max(1, max |logit|)``."""
+
+
 class Defense(Plugin):
     """``protect(expert, ctx) -> Artifact``."""
 

@@ -42,14 +42,16 @@ from torch import nn
 
 from bench import __version__
 from bench.artifact import Artifact
-from bench.checkpoint_io import WEIGHT_SUFFIXES, copy_side_files
+from bench.checkpoint_io import WEIGHT_SUFFIXES, check_out_parent, copy_side_files
 from bench.families.family import Family
 from bench.plugins import Defense, DefenseContext
 from bench.registry import defenses, suites
+from bench.store import strict_json
 from bench.suite import Batch, Expert, Regularizer, Split, Suite
 from bench.weights import (
     CheckpointError,
     StateDict,
+    assert_finite,
     check_compatible,
     is_mergeable,
     load_state,
@@ -260,6 +262,10 @@ class JsonlTextSuite(Suite):
         self.check_task(task)
         return TextClassifier(self._family.build(body), linear_head(head, self.hidden_size(), len(self.classes))).eval()
 
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The recipe's optimiser (AdamW with the class's LR and WEIGHT_DECAY), shared with attacks that fine-tune."""
+        return torch.optim.AdamW(params, lr=self.LR, weight_decay=self.WEIGHT_DECAY)
+
     def finetune(
         self,
         task: str,
@@ -276,7 +282,7 @@ class JsonlTextSuite(Suite):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = self.task_model(body, head, task)
-            optimizer = torch.optim.AdamW(model.parameters(), lr=self.LR, weight_decay=self.WEIGHT_DECAY)
+            optimizer = self.make_optimizer(model.parameters())
             stream = endless(
                 lambda epoch: self.batches(
                     task, "train", batch_size=self.BATCH_SIZE, shuffle=True, seed=seed * 1000 + epoch
@@ -380,6 +386,7 @@ def fit_probe_head(
 
 
 def _prepare_out(out: Path, sources: list[Path]) -> None:
+    check_out_parent(out)
     resolved = out.resolve()
     for src in sources:
         if resolved == src.resolve():
@@ -456,9 +463,11 @@ def protect_checkpoint(
     _prepare_out(out, [model_path, base_path])
 
     checkpoint = read_checkpoint(model_path)
+    assert_finite(checkpoint.tensors, f"model {model_path}")
     fam = resolve_family(checkpoint, family)
     body, prefix = split_body(checkpoint, fam)
     base_checkpoint = read_checkpoint(base_path)
+    assert_finite(base_checkpoint.tensors, f"base {base_path}")
     base, _ = split_body(base_checkpoint, fam)
     check_compatible(base, body, what=f"{model_path} (its body)")
 
@@ -466,6 +475,8 @@ def protect_checkpoint(
     head = fit_probe_head(suite, task, body, seed=seed) if data is not None else {}
     ctx = DefenseContext(suite=suite, task=task, base=base, arch=fam.arch_map(), family=fam, seed=seed)
     artifact = defense.protect(Expert(body=body, head=head), ctx)
+    assert_finite(artifact.state, f"the {defense_name} artifact")
+    assert_finite(artifact.head or {}, f"the {defense_name} artifact's head")
 
     released = _released_tensors(checkpoint, body, artifact, prefix)
     if out.suffix != ".safetensors":
@@ -494,7 +505,7 @@ def protect_checkpoint(
     )
     note_path = out.with_suffix(".protection.json") if out.suffix == ".safetensors" else out / "protection.json"
     tmp = note_path.with_name(note_path.name + ".tmp")
-    tmp.write_text(json.dumps(note, indent=1, sort_keys=True, default=str))
+    tmp.write_text(strict_json(note, indent=1, sort_keys=True))
     os.replace(tmp, note_path)
     return note
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 import pandas as pd
 from tabulate import tabulate
 
-from bench.store import CellRecord, newest_ok
+from bench.store import CellRecord, newest_ok, strict_json
 
 
 def results_frame(records: Sequence[CellRecord]) -> pd.DataFrame:
@@ -71,5 +70,6 @@ def to_format(records: Sequence[CellRecord], fmt: str) -> str:
     if fmt == "csv":
         return df.to_csv(index=False)
     if fmt == "json":
-        return json.dumps(df.to_dict(orient="records"), indent=1, default=str)
+        # pandas fills a cell without metrics with NaN; strict JSON writes it as null, never a bare NaN
+        return strict_json(df.to_dict(orient="records"), indent=1)
     return summary_tables(records)

@@ -1,46 +1,55 @@
-"""Scores of the leaderboard: utility, recovered fraction, worst-case security, CIs, ranks, flags.
+"""Scores of the leaderboard: utility, counterfactual recovered fraction, held-out worst case, CIs, ranks.
 
-For a victim task v with acc_pre = θ_pre on v (baseline role 'pretrained') and acc_ft = the
-unprotected expert on v (baseline role 'expert'):
+For a victim task v and one pipeline (attack with its params, merge with its params, partners, seed),
+the victim's slot is filled three ways (`bench.plan`) and each merged model is evaluated on v's test
+examples: V_P (the protected artifact), V_U (the unprotected expert), V_∅ (θ_pre: the same
+free-rider, data and partners without the victim). A protected cell is read only against the U and
+∅ cells whose spec is identical apart from the filling (`bench.plan.counterpart_spec`), so a cell
+merged with λ = 0.5 never pairs with a reference merged with λ = 0.3.
 
-* **utility** = metric(protected artifact alone) / acc_ft; 1.0 = no loss.
-* **recovered(attack, merge)** = (merged_protected − acc_pre) / (merged_unprotected − acc_pre),
-  clipped to [0, 1], where *merged_unprotected* is the ``none``/``none`` cell with the same
-  (suite, victim, partners, merge, seed). When the denominator is ≤ 0 merging gives nothing even
-  without protection, so there is nothing to recover: the value is N/A (never divided).
-* **security** = 1 − max over (attack, merge) of recovered: the free-rider picks the best attack
-  and merge, as RobustBench takes the worst case over AutoAttack.
+* **gain** = V_U − V_∅: what the victim's model gives this free-rider beyond its own data and
+  partners. A pair whose gain interval includes 0 is **uninformative**: N/A with that reason, never
+  divided.
+* **recovered** = clip((V_P − V_∅) / (V_U − V_∅), 0, 1). An attack that fine-tunes on its own labels
+  is credited only with what it gets *because of the victim's release*: if V_P equals V_∅ it scores 0.
+* **utility** = metric(artifact alone) / metric(expert), per victim; the floor applies to every victim.
+* **security** (per victim) = 1 − recovered of the best (attack, merge), where the best is chosen on
+  one half of the test examples and its recovered is reported on the other half (the winner's-curse
+  correction: the naive maximum over many noisy pairs is biased upward; the held-out value of a pair
+  chosen on independent examples is not). The choice is pessimistic: the highest lower confidence
+  bound on the selection half, so a pair recovered exactly beats one that reaches the clip at 1 by
+  noise (`select_worst_pair`). Suite security is the mean over informative victims.
 
-Choices where DESIGN §4 leaves room (each is a parameter or constant below):
+Uncertainty (DESIGN §4): every interval is a percentile interval of a **paired bootstrap over test
+examples** (P, U and ∅ outcomes resampled with the same indices, `bench.outcomes`), combined with a
+bootstrap over replicates (seeds, partner sets) when there are several. The example and replicate
+draws of a (suite, victim) are shared by every pair and every defense, so comparisons between them
+see the same noise. Draws are seeded from (seed, suite, victim): the same data give the same
+intervals. A numpy Generator draws the index matrices directly: `scipy.stats.bootstrap` resamples
+one statistic at a time and cannot share draws across pairs and defenses or nest replicates.
+Security's interval conditions on the pair chosen on the selection half (its draws resample the
+held-out half only), so it reflects test-example and replicate noise, not the choice itself.
+Replicate noise that both halves share (one seed, one partner set) is not corrected by the split.
 
-* *Replicates.* A replicate is one (partner set, seed) of a victim. recovered(attack, merge) is the
-  mean over replicates; the worst case is then taken over (attack, merge). Suite scores are means
-  over victim tasks, the overall score the mean over the suites where the defense applies.
-* *Lower-is-better metrics* (perplexity, FID): every difference is sign-flipped so "gain" always
-  means improvement, and utility is acc_ft / metric(artifact).
-* *Primary metric.* A task may report several metrics; the first of `PRIMARY_METRICS` that it
-  reports is scored, else the alphabetically first.
-* *Duplicates.* Two ok cells at the same coordinates (a re-run with other params): the newest wins.
-* *Confidence intervals* are percentile bootstrap intervals: replicates are resampled with
-  replacement within each victim, with the same draws for every defense of a suite (a paired
-  bootstrap, so rank flips reflect shared noise correctly). The generator is seeded from
-  (seed, suite, victim): the same data and seed give the same intervals.
-* *Ranking* is by security, then utility, then name. A defense is ranked only when its security
-  rests on every attack of the standard set (else it is "incomplete") and its utility is at least
-  the floor (default 0.9, JailbreakBench's 90 % rule: a defense that breaks its own model would
-  otherwise win by destroying what there is to merge). Unranked entries are still reported. The
-  ``none`` defense is ranked as the reference row: the plain merge recovers everything from it by
-  construction, so it needs no other attack to be complete.
-* *Completeness.* The standard attack set defaults to `bench.plan.standard_attacks` (every
-  registered attack and the declared composites). An attack counts as run when at least one of its
-  cells (any sweep point, any merge) has a recovered value; an attack the planner marked N/A for the
-  defense (status 'na', with its reason) is not missing; a failed or never-run attack is.
+Other rules (each pinned by a test in ``tests/test_scoring.py``):
+
+* *Means over replicates.* V_x of a pair is the mean over its replicates of the per-replicate
+  example mean; recovered is the ratio of the mean differences (not a mean of ratios).
+* *Lower-is-better metrics* (perplexity, FID): outcomes are sign-flipped, so a gain is always an
+  improvement, and utility is metric(expert) / metric(artifact).
+* *Primary metric.* The first of `PRIMARY_METRICS` a task reports, else the alphabetically first.
+* *Superseded cells.* Protected cells are read at their newest version per coordinates (a re-run
+  with other params supersedes the older); references are found by exact spec.
+* *Honest ranking.* An entry is unranked when any cell it rests on failed (``failed_cells`` names
+  them), when a standard attack has no cell or is N/A for a non-structural reason (a budget excess
+  means the budget is misconfigured: ``budget_exceeded``), when a protected cell's references were
+  never run, when any victim's utility is below the floor, when a function-preserving claim was
+  violated, or when no victim is informative. Only structural N/A reasons excuse an attack.
+* *The ``none`` defense* is the reference row: its protected filling is the unprotected cell, so it
+  recovers everything by construction and needs no other attack to be complete.
 * *Partner side effect* = mean over partner tasks of (merged partner metric with the protected
-  victim − with the unprotected victim), sign-adjusted so negative means the partners lose; the
-  summary uses plain merges (attack ``none``) when there are any, since that is what releasing the
-  protected model does to an honest merger's other tasks.
-* *Costs*: protect seconds = stage ``protect``; attack seconds = stages ``prepare`` + ``finish``;
-  peak memory = ``provenance["peak_rss_mb"]``.
+  victim − with the unprotected victim), sign-adjusted, from the plain merges when there are any.
+* *Costs*: protect seconds = stage ``protect``; attack seconds = stages ``prepare`` + ``finish``.
 """
 
 from __future__ import annotations
@@ -55,24 +64,25 @@ from typing import Any
 
 import numpy as np
 
+from bench.outcomes import OutcomeError, decode
+from bench.plan import counterpart_spec, spec_id
 from bench.store import CellRecord, newest_ok
 
 UTILITY_FLOOR = 0.9
-"""Utility below this is flagged and unranked (JailbreakBench flags defenses refusing >10 % benign)."""
+"""Utility below this on any victim is flagged and unranked (JailbreakBench's 90 % rule)."""
 BREAK_THRESHOLD = 0.5
-"""An attack 'breaks' a defense when it recovers at least this fraction of the merging gain."""
+"""An attack 'breaks' a defense when it recovers at least this fraction of the victim's gain."""
 N_BOOTSTRAP = 1000
 CI_LEVEL = 0.95
-FP_TOLERANCE = 1e-4
-"""Max |output difference| a function-preserving defense may show, used only when a cell's flag has no 'ok'."""
 PRIMARY_METRICS = ("accuracy", "acc", "exact_match", "pass@1", "f1", "clip_score")
 REFERENCE = "none"
 """Name of the no-defense / no-attack plugins: the unprotected reference."""
 
 METRICS: dict[str, dict[str, Any]] = {
     "utility": {"higher_is_better": True, "description": "protected artifact alone / unprotected expert, on the victim task"},
-    "security": {"higher_is_better": True, "description": "1 - worst-case recovered fraction over attacks and merges"},
-    "recovered": {"higher_is_better": False, "description": "share of the unprotected merge gain over θ_pre the attacker recovers, in [0, 1]"},
+    "security": {"higher_is_better": True, "description": "1 - recovered of the best (attack, merge), chosen on half the test examples and measured on the other half"},
+    "recovered": {"higher_is_better": False, "description": "(V_P - V_∅) / (V_U - V_∅) clipped to [0, 1]: share of what the victim's model gives the free-rider that it still gets from the protected release"},
+    "gain": {"higher_is_better": True, "description": "V_U - V_∅: what the unprotected victim gives the free-rider beyond its own data and partners"},
     "partner_effect": {"higher_is_better": True, "description": "merged partner-task metric with the protected minus the unprotected victim"},
     "protect_s": {"higher_is_better": False, "description": "wall seconds of the protect stage"},
     "attack_s": {"higher_is_better": False, "description": "wall seconds of the attack's prepare and finish stages"},
@@ -81,10 +91,13 @@ METRICS: dict[str, dict[str, Any]] = {
 
 FLAG_CODES = {
     "function_preservation_violated": "claims function preservation but changed outputs beyond tolerance",
-    "utility_below_floor": "utility below the floor",
-    "incomplete": "security rests on fewer attacks than the standard set",
+    "utility_below_floor": "utility below the floor on some victim",
+    "incomplete": "a standard attack, or a reference cell it needs, was never run",
+    "budget_exceeded": "an attack was N/A because it needs more than the budget grants (a misconfigured budget)",
     "failed_cells": "some cells failed",
-    "no_security": "no attack could be scored (no baseline, no reference, or merging gives nothing)",
+    "no_security": "no informative victim: no pair's gain is significantly positive",
+    "uninformative": "some victims or pairs carry no significant gain and are not scored",
+    "no_examples": "the suite gives no per-example outcomes: intervals rest on replicates only, the winner's curse is uncorrected",
 }
 
 
@@ -104,17 +117,28 @@ class Flag:
 
 @dataclass(frozen=True)
 class PairScore:
-    """recovered(attack, merge) of one defense on one victim (or averaged over a suite's victims)."""
+    """One (attack, merge) of one defense on one victim, on all test examples (or averaged over a suite's victims)."""
 
     attack: str
     merge: str
     recovered: float | None
-    """Mean recovered fraction; None when N/A (see ``na_reason``)."""
+    """clip((V_P − V_∅) / (V_U − V_∅), 0, 1); None when N/A (see ``na_reason``)."""
     n: int
-    """Replicates (or victims) the mean rests on."""
+    """Replicates (or victims) the value rests on."""
     na_reason: str = ""
     attack_s: float | None = None
     partner_effect: float | None = None
+    v_protected: float | None = None
+    v_unprotected: float | None = None
+    v_counterfactual: float | None = None
+    gain: float | None = None
+    """V_U − V_∅ (in the metric's direction)."""
+    gain_ci: tuple[float, float] | None = None
+    recovered_ci: tuple[float, float] | None = None
+    informative: bool | None = None
+    """Whether the gain's interval excludes 0 (None when there is no reference to tell)."""
+    examples: int = 0
+    """Test examples the values rest on (0 when the suite gives no per-example outcomes)."""
 
 
 @dataclass
@@ -133,7 +157,12 @@ class VictimScore:
     security: float | None = None
     security_ci: tuple[float, float] | None = None
     best_attack: str | None = None
+    """The (attack, merge) chosen on the selection half of the test examples."""
     best_merge: str | None = None
+    best_recovered: float | None = None
+    """Its recovered on the held-out half (1 − security)."""
+    informative: bool = False
+    """Some pair of this victim has a significantly positive gain."""
     pairs: list[PairScore] = field(default_factory=list)
     partner_effect: float | None = None
     protect_s: float | None = None
@@ -143,11 +172,12 @@ class VictimScore:
     attacks_evaluated: list[str] = field(default_factory=list)
     attacks_missing: list[str] = field(default_factory=list)
     attacks_na: dict[str, str] = field(default_factory=dict)
-    """Attacks the planner marked not applicable to this defense, with the reason."""
+    """Attacks N/A for this defense for a structural reason, with the reason."""
     replicates: list[tuple[tuple[str, ...], int]] = field(default_factory=list)
     flags: list[Flag] = field(default_factory=list)
     cell_ids: list[str] = field(default_factory=list)
-    """Every cell a number here rests on (own cells, unprotected references, baselines)."""
+    """Every cell a number here rests on (protected cells, their U and ∅ references, baselines, utility cells)."""
+    failed_cells: list[str] = field(default_factory=list)
 
     @property
     def complete(self) -> bool:
@@ -176,6 +206,7 @@ class DefenseScore:
     attacks_missing: list[str] = field(default_factory=list)
     suites: list[str] = field(default_factory=list)
     """Suites the score covers (overall rows: where the defense applies)."""
+    uninformative_victims: list[str] = field(default_factory=list)
     flags: list[Flag] = field(default_factory=list)
     rank: int | None = None
     unranked_reason: str = ""
@@ -228,11 +259,8 @@ class Scores:
 
 
 def standard_attacks(explicit: Sequence[str] | None = None) -> list[str]:
-    """The attacks a complete security number must rest on.
-
-    ``explicit`` wins; else `bench.plan.standard_attacks` (every registered attack plus the
-    composites the attack modules declare standard), so nothing is excluded silently.
-    """
+    """The attacks a complete security number must rest on: ``explicit``, else `bench.plan.standard_attacks`
+    (every registered attack plus the composites the attack modules declare standard)."""
     if explicit is not None:
         return sorted(dict.fromkeys(explicit))
     from bench.plan import standard_attacks as planned
@@ -247,71 +275,17 @@ def attack_name(cell: CellRecord) -> str:
     return name if isinstance(name, str) and name else cell.attack
 
 
-# ---------------------------------------------------------------- indexing the cells
+# ---------------------------------------------------------------- the numeric core (pure, on arrays)
 
 
-def _sign(higher_is_better: bool) -> float:
-    return 1.0 if higher_is_better else -1.0
-
-
-def _primary_metric(names: Iterable[str]) -> str | None:
-    names = sorted(set(names))
-    for preferred in PRIMARY_METRICS:
-        if preferred in names:
-            return preferred
-    return names[0] if names else None
-
-
-@dataclass
-class _Index:
-    """The ok cells, keyed for the lookups scoring needs."""
-
-    metric_of: dict[tuple[str, str], tuple[str, bool]]
-    """(suite, task) -> (primary metric, higher_is_better)."""
-    baselines: dict[tuple[str, str, int], CellRecord]
-    """(suite, victim, seed) -> baseline cell."""
-    merges: dict[tuple[str, str, str, tuple[str, ...], int, str, str], CellRecord]
-    """(suite, defense, victim, partners, seed, attack, merge) -> merge cell."""
-    not_ok: list[CellRecord]
-
-
-def _index(records: Iterable[CellRecord]) -> _Index:
-    cells = sorted(records, key=lambda c: (c.created, c.cell_id))
-    names: dict[tuple[str, str], dict[str, bool]] = defaultdict(dict)
-    baselines: dict[tuple[str, str, int], CellRecord] = {}
-    merges: dict[tuple[str, str, str, tuple[str, ...], int, str, str], CellRecord] = {}
-    not_ok = [c for c in cells if c.status != "ok"]
-    for c in newest_ok(cells):
-        for m in c.metrics:
-            names[(c.suite, m.task)].setdefault(m.metric, m.higher_is_better)
-        if c.kind == "baseline":
-            baselines[(c.suite, c.victim, c.seed)] = c
-        elif c.kind == "merge":
-            merges[(c.suite, c.defense, c.victim, tuple(c.partners), c.seed, c.attack, c.merge)] = c
-    metric_of = {}
-    for key, found in names.items():
-        name = _primary_metric(found)
-        if name is not None:
-            metric_of[key] = (name, found[name])
-    return _Index(metric_of, baselines, merges, not_ok)
-
-
-def _value(cell: CellRecord, role: str, task: str, metric: str) -> float | None:
-    v = cell.value(role, task, metric)
-    return None if v is None or not math.isfinite(v) else float(v)
-
-
-# ---------------------------------------------------------------- per replicate
-
-
-def recovered_fraction(merged_protected: float, merged_unprotected: float, acc_pre: float,
+def recovered_fraction(v_protected: float, v_unprotected: float, v_counterfactual: float,
                        higher_is_better: bool = True) -> float | None:
-    """Clipped share of the unprotected merge gain that the protected merge keeps; None when there is no gain."""
-    s = _sign(higher_is_better)
-    gain = s * (merged_unprotected - acc_pre)
+    """clip((V_P − V_∅) / (V_U − V_∅), 0, 1); None when the victim gives nothing (gain ≤ 0)."""
+    s = 1.0 if higher_is_better else -1.0
+    gain = s * (v_unprotected - v_counterfactual)
     if gain <= 0:
         return None
-    return min(1.0, max(0.0, s * (merged_protected - acc_pre) / gain))
+    return min(1.0, max(0.0, s * (v_protected - v_counterfactual) / gain))
 
 
 def utility_ratio(artifact: float, expert: float, higher_is_better: bool = True) -> float | None:
@@ -322,18 +296,164 @@ def utility_ratio(artifact: float, expert: float, higher_is_better: bool = True)
     return num / den
 
 
-@dataclass
-class _Obs:
-    """What one merge cell of a defense contributes."""
+@dataclass(frozen=True)
+class PairOutcomes:
+    """Per-example outcomes of one pipeline on one victim, [replicate, example], in the metric's direction
+    (sign-flipped for lower-is-better metrics, so larger is better). NaN rows mark missing replicates."""
 
+    protected: np.ndarray
+    unprotected: np.ndarray
+    counterfactual: np.ndarray
+
+
+def _weighted_means(x: np.ndarray, w: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Per draw: the replicate-weighted mean of example-weighted means. x [R, n]; w [B, n] example
+    counts; c [B, R] replicate counts. Missing replicates (NaN rows) get no weight."""
+    present = ~np.isnan(x).any(axis=1)
+    xs = np.where(present[:, None], x, 0.0)
+    per_rep = (w @ xs.T) / w.sum(axis=1, keepdims=True)  # [B, R]
+    cw = c * present[None, :]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return (cw * per_rep).sum(axis=1) / cw.sum(axis=1)
+
+
+@dataclass(frozen=True)
+class PairStatistics:
+    """Per draw (or one point): the three victim values, the gain and the recovered fraction."""
+
+    v_protected: np.ndarray
+    v_unprotected: np.ndarray
+    v_counterfactual: np.ndarray
+
+    @property
+    def gain(self) -> np.ndarray:
+        return self.v_unprotected - self.v_counterfactual
+
+    @property
+    def recovered(self) -> np.ndarray:
+        gain = self.gain
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.clip((self.v_protected - self.v_counterfactual) / gain, 0.0, 1.0)
+        return np.where(gain > 0, r, np.nan)
+
+
+def pair_statistics(outcomes: PairOutcomes, example_weights: np.ndarray, replicate_weights: np.ndarray) -> PairStatistics:
+    """The pair's values under example weights [B, n] and replicate weights [B, R] (all ones = the point)."""
+    return PairStatistics(*(_weighted_means(x, example_weights, replicate_weights)
+                            for x in (outcomes.protected, outcomes.unprotected, outcomes.counterfactual)))
+
+
+def bootstrap_counts(rng: np.random.Generator, n: int, draws: int, within: np.ndarray | None = None) -> np.ndarray:
+    """[draws, n] resampling counts: each draw resamples the indices ``within`` (default all) with replacement."""
+    idx = np.arange(n) if within is None else np.asarray(within)
+    counts = np.zeros((draws, n))
+    picks = idx[rng.integers(0, len(idx), size=(draws, len(idx)))]
+    rows = np.repeat(np.arange(draws), len(idx))
+    np.add.at(counts, (rows, picks.ravel()), 1.0)
+    return counts
+
+
+def selection_split(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """(selection half, held-out half) of ``n`` example indices, by a seeded permutation. With fewer than
+    two examples there is nothing to split: both halves are everything."""
+    if n < 2:
+        everything = np.arange(n)
+        return everything, everything
+    perm = rng.permutation(n)
+    return np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+
+
+def indicator(n: int, idx: np.ndarray) -> np.ndarray:
+    w = np.zeros((1, n))
+    w[0, idx] = 1.0
+    return w
+
+
+def percentile_ci(draws: np.ndarray, level: float) -> tuple[float, float] | None:
+    draws = np.asarray(draws, dtype=float)
+    draws = draws[~np.isnan(draws)]
+    if draws.size == 0:
+        return None
+    lo, hi = np.percentile(draws, [50 * (1 - level), 100 - 50 * (1 - level)])
+    return float(lo), float(hi)
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The winner's-curse-corrected worst case of one victim."""
+
+    index: int | None
+    """The pair chosen on the selection half (None when no pair is scorable)."""
     recovered: float | None
-    na_reason: str
-    utility: float | None
-    partner_effect: float | None
-    attack_s: float | None
-    protect_s: float | None
-    peak_rss_mb: float | None
-    cell_ids: tuple[str, ...]
+    """Its recovered on the held-out half."""
+    draws: np.ndarray
+    """Bootstrap draws of that held-out recovered (resampling the held-out half and replicates)."""
+    naive: float | None
+    """The uncorrected maximum over pairs of recovered on all examples (reported for contrast)."""
+
+
+def select_worst_pair(pairs: Sequence[PairOutcomes | None], eligible: Sequence[bool], selection: np.ndarray,
+                      heldout: np.ndarray, heldout_counts: np.ndarray, replicate_counts: np.ndarray,
+                      tie_break: Sequence[tuple] | None = None, selection_counts: np.ndarray | None = None,
+                      level: float = CI_LEVEL) -> Selection:
+    """Choose, among ``eligible`` pairs, the one the ``selection`` examples show recovering most, and report
+    its recovered on the ``heldout`` examples, with draws over ``heldout_counts`` [B, n] and
+    ``replicate_counts`` [B, R].
+
+    "Recovering most" is read pessimistically when ``selection_counts`` (bootstrap counts within the
+    selection half) are given: the pair with the highest lower confidence bound on the selection half,
+    then the highest point value, then ``tie_break``. A pair the attacker recovers exactly (an algebraic
+    attack that restores the expert: every draw is 1) then beats a noisy pair whose point value only
+    touches the clip at 1 by chance; the choice still sees the selection half only, so the held-out
+    value stays unbiased."""
+    n_draws, n = heldout_counts.shape
+    ones_r = np.ones((1, replicate_counts.shape[1]))
+    sel_w, held_w, all_w = indicator(n, selection), indicator(n, heldout), np.ones((1, n))
+    best, best_key = None, None
+    naive = None
+    for i, (p, ok) in enumerate(zip(pairs, eligible)):
+        if not ok or p is None:
+            continue
+        full = float(pair_statistics(p, all_w, ones_r).recovered[0])
+        if not math.isnan(full):
+            naive = full if naive is None else max(naive, full)
+        r_sel = float(pair_statistics(p, sel_w, ones_r).recovered[0])
+        if math.isnan(r_sel):
+            continue
+        lower = r_sel
+        if selection_counts is not None:
+            draws = np.nan_to_num(pair_statistics(p, selection_counts, replicate_counts[: len(selection_counts)]).recovered,
+                                  nan=0.0)  # a draw in which the victim gives nothing is no evidence of recovery
+            lower = float(np.percentile(draws, 50 * (1 - level)))
+        key = (-lower, -r_sel, *(tie_break[i] if tie_break else ()), i)
+        if best_key is None or key < best_key:
+            best, best_key = i, key
+    if best is None:
+        return Selection(None, None, np.full(n_draws, np.nan), naive)
+    chosen = pairs[best]
+    assert chosen is not None
+    point = float(pair_statistics(chosen, held_w, ones_r).recovered[0])
+    draws = pair_statistics(chosen, heldout_counts, replicate_counts).recovered
+    return Selection(best, None if math.isnan(point) else point, draws, naive)
+
+
+# ---------------------------------------------------------------- reading cells
+
+
+def _primary_metric(names: Iterable[str]) -> str | None:
+    names = sorted(set(names))
+    for preferred in PRIMARY_METRICS:
+        if preferred in names:
+            return preferred
+    return names[0] if names else None
+
+
+def _sign(higher_is_better: bool) -> float:
+    return 1.0 if higher_is_better else -1.0
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
 
 
 def _timing(cell: CellRecord, *stages: str) -> float | None:
@@ -342,70 +462,14 @@ def _timing(cell: CellRecord, *stages: str) -> float | None:
     return sum(found) if found else None
 
 
-def _observe(cell: CellRecord, ix: _Index) -> _Obs:
-    metric, hib = ix.metric_of.get((cell.suite, cell.victim), (None, True))
-    base = ix.baselines.get((cell.suite, cell.victim, cell.seed))
-    ref = ix.merges.get((cell.suite, REFERENCE, cell.victim, tuple(cell.partners), cell.seed, REFERENCE, cell.merge))
-    ids = [cell.cell_id] + ([base.cell_id] if base else []) + ([ref.cell_id] if ref else [])
-    pre = _value(base, "pretrained", cell.victim, metric) if base and metric else None
-    ft = _value(base, "expert", cell.victim, metric) if base and metric else None
-    merged = _value(cell, "merged", cell.victim, metric) if metric else None
-    merged_ref = _value(ref, "merged", cell.victim, metric) if ref and metric else None
-    art = _value(cell, "utility", cell.victim, metric) if metric else None
-
-    recovered, reason = None, ""
-    if base is None or pre is None:
-        reason = f"no baseline cell for victim {cell.victim!r}, seed {cell.seed}"
-    elif ref is None or merged_ref is None:
-        reason = f"no unprotected reference merge ({REFERENCE}/{REFERENCE}, merge {cell.merge!r})"
-    elif merged is None:
-        reason = "the merged model has no victim metric"
-    else:
-        recovered = recovered_fraction(merged, merged_ref, pre, hib)
-        if recovered is None:
-            reason = "merging gives nothing beyond θ_pre even unprotected"
-    utility = utility_ratio(art, ft, hib) if art is not None and ft is not None else None
-    return _Obs(recovered, reason, utility, _partner_effect(cell, ref, ix),
-                _timing(cell, "prepare", "finish"), _timing(cell, "protect"),
-                _number(cell.provenance.get("peak_rss_mb")), tuple(ids))
+def _mean(xs: Iterable[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return float(np.mean(vals)) if vals else None
 
 
-def _number(x: Any) -> float | None:
-    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else None
-
-
-def _partner_effect(cell: CellRecord, ref: CellRecord | None, ix: _Index) -> float | None:
-    if ref is None or not cell.partners:
-        return None
-    deltas = []
-    for p in cell.partners:
-        metric, hib = ix.metric_of.get((cell.suite, p), (None, True))
-        a = _value(cell, "merged", p, metric) if metric else None
-        b = _value(ref, "merged", p, metric) if metric else None
-        if a is None or b is None:
-            return None
-        deltas.append(_sign(hib) * (a - b))
-    return float(np.mean(deltas))
-
-
-def _function_preservation(cell: CellRecord) -> tuple[bool, float | None]:
-    """(violated, max_abs_diff) from the cell's function-preservation flag."""
-    flag = (cell.provenance.get("flags") or {}).get("function_preservation")
-    if not isinstance(flag, dict) or not flag.get("claimed"):
-        return False, None
-    diff = _number(flag.get("max_abs_diff"))
-    ok = flag.get("ok")
-    if ok is None:
-        ok = diff is not None and diff <= FP_TOLERANCE
-    return not bool(ok), diff
-
-
-# ---------------------------------------------------------------- the bootstrap machinery
-
-
-def _stable_rng(*key: object) -> np.random.Generator:
-    digest = hashlib.sha256(repr(key).encode()).digest()
-    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+def _max(xs: Iterable[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return float(max(vals)) if vals else None
 
 
 def _quiet_nanmean(a: np.ndarray, axis: int) -> np.ndarray:
@@ -414,40 +478,394 @@ def _quiet_nanmean(a: np.ndarray, axis: int) -> np.ndarray:
         return np.nanmean(a, axis=axis)
 
 
-def _quiet_nanmax(a: np.ndarray, axis: int) -> np.ndarray:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmax(a, axis=axis)
+def _stable_rng(*key: object) -> np.random.Generator:
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
 
 
-def _ci(draws: np.ndarray, level: float) -> tuple[float, float] | None:
-    draws = draws[~np.isnan(draws)]
-    if draws.size == 0:
+def _examples(cell: CellRecord, role: str, task: str, metric: str, sign: float) -> np.ndarray | None:
+    """Per-example outcomes (sign-adjusted) of a stored metric; its value as a single outcome when the
+    suite gave none; None when the metric is absent."""
+    m = cell.find(role, task, metric)
+    if m is None or not math.isfinite(m.value):
         return None
-    lo, hi = np.percentile(draws, [50 * (1 - level), 100 - 50 * (1 - level)])
-    return float(lo), float(hi)
+    if not m.examples:
+        return np.array([sign * m.value])
+    try:
+        return sign * decode(m.examples)
+    except OutcomeError:
+        return None
 
 
-def _opt(x: float) -> float | None:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+@dataclass
+class _Index:
+    """The cells, keyed for the lookups scoring needs."""
+
+    by_id: dict[str, CellRecord]
+    metric_of: dict[tuple[str, str], tuple[str, bool]]
+    """(suite, task) -> (primary metric, higher_is_better)."""
+    baselines: dict[tuple[str, str, str, int], CellRecord]
+    """(suite, recipe hash, victim, seed) -> newest ok baseline cell."""
+    utility: dict[tuple[str, str], CellRecord]
+    """(the utility cell's spec id) -> newest ok utility cell, keyed by its spec."""
+    protected: list[CellRecord]
+    """Newest ok-or-N/A protected merge cells per coordinates."""
+    unprotected: list[CellRecord]
+    """Newest unprotected merge cells per coordinates (the ``none`` defense's own cells)."""
+    failed: list[CellRecord]
+
+
+def _newest(records: Iterable[CellRecord]) -> list[CellRecord]:
+    """The newest cell at each coordinates, whatever its status (a failure after a success is still a failure)."""
+    newest: dict[tuple, CellRecord] = {}
+    for c in sorted(records, key=lambda c: (c.created, c.cell_id)):
+        newest[c.coordinates] = c
+    return list(newest.values())
+
+
+def _index(records: list[CellRecord]) -> _Index:
+    cells = sorted(records, key=lambda c: (c.created, c.cell_id))
+    by_id: dict[str, CellRecord] = {}
+    for c in cells:
+        by_id[c.cell_id] = c
+    names: dict[tuple[str, str], dict[str, bool]] = defaultdict(dict)
+    baselines: dict[tuple[str, str, str, int], CellRecord] = {}
+    for c in newest_ok(cells):
+        for m in c.metrics:
+            names[(c.suite, m.task)].setdefault(m.metric, m.higher_is_better)
+        if c.kind == "baseline":
+            baselines[(c.suite, str(c.spec.get("recipe_hash", "")), c.victim, c.seed)] = c
+    metric_of = {}
+    for key, found in names.items():
+        name = _primary_metric(found)
+        if name is not None:
+            metric_of[key] = (name, found[name])
+    newest = _newest(c for c in cells if c.kind == "merge")
+    protected = [c for c in newest if c.filling == "protected" and c.status != "failed"]
+    unprotected = [c for c in newest if c.filling == "unprotected" and c.status != "failed"]
+    utility = {spec_id(c.spec): c for c in newest_ok(c for c in cells if c.kind == "utility")}
+    failed = [c for c in _newest(cells) if c.status == "failed"]
+    return _Index(by_id, metric_of, baselines, utility, protected, unprotected, failed)
+
+
+# ---------------------------------------------------------------- one victim of one defense
+
+
+@dataclass
+class _Pair:
+    attack: str
+    attack_name: str
+    merge: str
+    replicates: dict[tuple[tuple[str, ...], int], tuple[CellRecord, CellRecord | None, CellRecord | None]] = field(
+        default_factory=dict)
+    """(partners, seed) -> (protected cell, unprotected cell, counterfactual cell)."""
 
 
 @dataclass
 class _VictimData:
-    """One (suite, defense, victim): replicate-by-pair matrices aligned to the suite's replicate list."""
+    """What the suite-level aggregation and the rank stability need of one victim."""
 
-    pairs: list[tuple[str, str]]
-    rec: np.ndarray
-    """[replicate, pair] recovered, NaN where N/A or absent."""
-    util: np.ndarray
-    """[replicate] utility, NaN where absent."""
+    security_draws: np.ndarray
+    utility_draws: np.ndarray
 
 
-def _victim_statistics(data: _VictimData, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per draw (one row of replicate indices in ``idx``): security and utility."""
-    pair_means = _quiet_nanmean(data.rec[idx], axis=1)  # [draw, pair]: recovered(attack, merge)
-    worst = _quiet_nanmax(pair_means, axis=1) if data.pairs else np.full(idx.shape[0], np.nan)
-    return 1.0 - worst, _quiet_nanmean(data.util[idx], axis=1)
+def _utility_cell(ix: _Index, p: CellRecord) -> CellRecord | None:
+    spec = {k: p.spec.get(k) for k in ("suite", "recipe_hash", "victim", "seed", "defense")}
+    spec.update(kind="utility", partners=[t for t in _suite_tasks(ix, p) if t != p.victim], attack=None, merge=None)
+    return ix.utility.get(spec_id(spec))
+
+
+def _suite_tasks(ix: _Index, cell: CellRecord) -> list[str]:
+    base = ix.baselines.get((cell.suite, str(cell.spec.get("recipe_hash", "")), cell.victim, cell.seed))
+    return [cell.victim, *base.partners] if base else [cell.victim, *cell.partners]
+
+
+class _VictimScorer:
+    """Scores one (suite, defense, victim) from its protected cells and their references."""
+
+    def __init__(self, ix: _Index, suite: str, defense: str, victim: str, cells: list[CellRecord],
+                 standard: list[str], n_bootstrap: int, ci_level: float, seed: int) -> None:
+        self.ix, self.suite, self.defense, self.victim = ix, suite, defense, victim
+        self.cells, self.standard = cells, standard
+        self.n_bootstrap, self.ci_level, self.seed = n_bootstrap, ci_level, seed
+        self.metric, self.hib = ix.metric_of.get((suite, victim), ("", True))
+        self.sign = _sign(self.hib)
+        self.ids: set[str] = set()
+        self.failed: set[str] = set()
+        self.missing: dict[str, str] = {}
+        self.budget: dict[str, str] = {}
+
+    def _ref(self, p: CellRecord, filling: str) -> CellRecord | None:
+        if self.defense == REFERENCE and filling == "unprotected":
+            return p
+        ref = self.ix.by_id.get(spec_id(counterpart_spec(p.spec, filling)))  # type: ignore[arg-type]
+        if ref is None:
+            self.missing[attack_name(p)] = f"the {filling} reference of {p.attack}/{p.merge} was never run"
+            return None
+        self.ids.add(ref.cell_id)
+        if ref.status == "failed":
+            self.failed.add(ref.cell_id)
+            return None
+        return ref if ref.status == "ok" else None
+
+    def score(self) -> tuple[VictimScore, _VictimData]:
+        vs = VictimScore(self.suite, self.defense, self.victim, self.metric, self.hib, None, None)
+        pairs = self._collect(vs)
+        self._baseline_and_utility(vs)
+        outcomes, reasons, n = self._outcomes(pairs)
+        reps = sorted({r for p in pairs for r in p.replicates})
+        rng = _stable_rng(self.seed, self.suite, self.victim)
+        split_rng, draw_rng = np.random.default_rng(rng.integers(2**63)), np.random.default_rng(rng.integers(2**63))
+        n_eff = max(n, 1)
+        rep_counts = (bootstrap_counts(draw_rng, len(reps), self.n_bootstrap) if len(reps) > 1
+                      else np.ones((self.n_bootstrap, max(len(reps), 1))))
+        all_counts = bootstrap_counts(draw_rng, n_eff, self.n_bootstrap) if n > 1 else np.ones((self.n_bootstrap, n_eff))
+        selection, heldout = selection_split(n_eff, split_rng)
+        held_counts = (bootstrap_counts(draw_rng, n_eff, self.n_bootstrap, within=heldout) if n > 1
+                       else np.ones((self.n_bootstrap, n_eff)))
+        sel_counts = bootstrap_counts(draw_rng, n_eff, self.n_bootstrap, within=selection) if n > 1 else None
+        ones = (np.ones((1, n_eff)), np.ones((1, max(len(reps), 1))))
+        scores, eligible = [], []
+        for pair, out, reason in zip(pairs, outcomes, reasons):
+            scores.append(self._pair_score(pair, out, reason, ones, all_counts, rep_counts, n))
+            eligible.append(out is not None and bool(scores[-1].informative))
+        vs.pairs = scores
+        vs.informative = any(eligible)
+        tie = [(p.attack_s or 0.0, p.attack, p.merge) for p in scores]
+        sel = select_worst_pair(outcomes, eligible, selection, heldout, held_counts, rep_counts, tie, sel_counts,
+                                self.ci_level)
+        if sel.index is not None and sel.recovered is not None:
+            best = scores[sel.index]
+            vs.best_attack, vs.best_merge, vs.attack_s = best.attack, best.merge, best.attack_s
+            vs.best_recovered, vs.security = sel.recovered, 1.0 - sel.recovered
+            vs.security_ci = _flip(percentile_ci(sel.draws, self.ci_level))
+        plain = [p.partner_effect for p in scores if p.attack == REFERENCE and p.partner_effect is not None]
+        vs.partner_effect = _mean(plain) if plain else _mean(p.partner_effect for p in scores)
+        vs.replicates = reps
+        vs.flags = self._flags(vs, n)
+        vs.cell_ids = sorted(self.ids)
+        vs.failed_cells = sorted(self.failed)
+        security_draws = 1.0 - sel.draws if vs.security is not None else np.full(self.n_bootstrap, np.nan)
+        return vs, _VictimData(security_draws, self._utility_draws)
+
+    # -------------------------------------------------------- pieces
+
+    def _collect(self, vs: VictimScore) -> list[_Pair]:
+        pairs: dict[tuple[str, str], _Pair] = {}
+        evaluated, na = set(), {}
+        for c in self.cells:
+            self.ids.add(c.cell_id)
+            name = attack_name(c)
+            if c.status == "na":
+                kind = (c.provenance or {}).get("na_kind", "structural")
+                if kind == "budget":
+                    self.budget[name] = c.reason
+                else:
+                    na.setdefault(name, c.reason)
+                continue
+            pair = pairs.setdefault((c.attack, c.merge), _Pair(c.attack, name, c.merge))
+            u, z = self._ref(c, "unprotected"), self._ref(c, "counterfactual")
+            pair.replicates[(tuple(c.partners), c.seed)] = (c, u, z)
+            evaluated.add(name)
+        vs.attacks_evaluated = sorted(evaluated)
+        vs.attacks_na = {a: r for a, r in sorted(na.items()) if a not in evaluated}
+        if self.defense != REFERENCE:
+            absent = [a for a in self.standard if a not in evaluated and a not in vs.attacks_na]
+            vs.attacks_missing = sorted(set(absent) | set(self.missing) | set(self.budget))
+        for c in self.ix.failed:
+            if (c.suite, c.victim) == (self.suite, self.victim) and (
+                    (c.filling == "protected" and c.defense == self.defense) or
+                    (c.kind == "utility" and c.defense == self.defense)):
+                self.failed.add(c.cell_id)
+                self.ids.add(c.cell_id)
+        return [pairs[k] for k in sorted(pairs)]
+
+    def _outcomes(self, pairs: list[_Pair]) -> tuple[list[PairOutcomes | None], list[str], int]:
+        reps = sorted({r for p in pairs for r in p.replicates})
+        out: list[PairOutcomes | None] = []
+        reasons: list[str] = []
+        lengths: list[int] = []
+        for pair in pairs:
+            rows: dict[str, list[np.ndarray | None]] = {"p": [], "u": [], "z": []}
+            reason = ""
+            for r in reps:
+                cells = pair.replicates.get(r)
+                if cells is None:
+                    for k in rows:
+                        rows[k].append(None)
+                    continue
+                p, u, z = cells
+                if u is None or z is None:
+                    reason = reason or "a reference cell (unprotected or counterfactual) is missing, failed or N/A"
+                for k, cell in zip("puz", (p, u, z)):
+                    rows[k].append(_examples(cell, "merged", self.victim, self.metric, self.sign) if cell else None)
+            present = [x for xs in rows.values() for x in xs if x is not None]
+            sizes = {len(x) for x in present}
+            if not present or any(all(x is None for x in xs) for xs in rows.values()):
+                out.append(None)
+                reasons.append(reason or "no victim metric in the merged cells")
+                continue
+            if len(sizes) != 1:
+                out.append(None)
+                reasons.append("per-example outcomes of different lengths (different test splits)")
+                continue
+            size = sizes.pop()
+            lengths.append(size)
+            mats = []
+            for k in "puz":
+                mats.append(np.stack([x if x is not None else np.full(size, np.nan) for x in rows[k]]))
+            # A replicate counts only where all three fillings are present.
+            missing = np.isnan(mats[0]).any(1) | np.isnan(mats[1]).any(1) | np.isnan(mats[2]).any(1)
+            for m in mats:
+                m[missing] = np.nan
+            out.append(PairOutcomes(*mats))
+            reasons.append("")
+        if not lengths:
+            return out, reasons, 0
+        # Pairs measured on another number of test examples than most (cells of an older recipe, or
+        # without per-example outcomes) cannot be resampled with the others: N/A with the reason.
+        n = max(set(lengths), key=lambda k: (lengths.count(k), k))
+        for i, o in enumerate(out):
+            if o is not None and o.protected.shape[1] != n:
+                out[i] = None
+                reasons[i] = f"measured on {o.protected.shape[1]} test outcomes where the other pairs have {n}"
+        return out, reasons, n
+
+    def _pair_score(self, pair: _Pair, out: PairOutcomes | None, reason: str, ones: tuple, all_counts: np.ndarray,
+                    rep_counts: np.ndarray, n: int) -> PairScore:
+        cells = [c for c, _u, _z in pair.replicates.values()]
+        attack_s = _mean(_timing(c, "prepare", "finish") for c in cells)
+        effect = _mean(self._partner_effect(c, u) for c, u, _z in pair.replicates.values())
+        if out is None:
+            return PairScore(pair.attack, pair.merge, None, 0, reason, attack_s, effect)
+        point = pair_statistics(out, *ones)
+        draws = pair_statistics(out, all_counts, rep_counts)
+        gain_ci = percentile_ci(draws.gain, self.ci_level)
+        informative = gain_ci is not None and gain_ci[0] > 0
+        gain = float(point.gain[0])
+        recovered = float(point.recovered[0]) if informative else None
+        na = "" if informative else (f"uninformative: the victim's gain {gain:+.3f} has interval "
+                                     f"[{gain_ci[0]:+.3f}, {gain_ci[1]:+.3f}], which includes 0"
+                                     if gain_ci else "uninformative: no gain could be measured")
+        n_reps = int((~np.isnan(out.protected).any(axis=1)).sum())
+        s = self.sign
+        return PairScore(
+            pair.attack, pair.merge, recovered, n_reps, na, attack_s, effect,
+            v_protected=s * float(point.v_protected[0]), v_unprotected=s * float(point.v_unprotected[0]),
+            v_counterfactual=s * float(point.v_counterfactual[0]), gain=gain, gain_ci=gain_ci,
+            recovered_ci=percentile_ci(draws.recovered, self.ci_level) if informative else None,
+            informative=informative, examples=n if n > 1 else 0,
+        )
+
+    def _partner_effect(self, p: CellRecord, u: CellRecord | None) -> float | None:
+        if u is None or not p.partners:
+            return None
+        deltas = []
+        for t in p.partners:
+            metric, hib = self.ix.metric_of.get((p.suite, t), (None, True))
+            a = p.value("merged", t, metric) if metric else None
+            b = u.value("merged", t, metric) if metric else None
+            if a is None or b is None:
+                return None
+            deltas.append(_sign(hib) * (a - b))
+        return float(np.mean(deltas))
+
+    def _baseline_and_utility(self, vs: VictimScore) -> None:
+        """θ_pre, the expert and the utility (artifact / expert) with its paired bootstrap over test examples."""
+        self._utility_draws = np.full(self.n_bootstrap, np.nan)
+        seeds = sorted({c.seed for c in self.cells} or {0})
+        recipe = str(self.cells[0].spec.get("recipe_hash", "")) if self.cells else ""
+        bases = [b for s in seeds if (b := self.ix.baselines.get((self.suite, recipe, self.victim, s)))]
+        self.ids.update(b.cell_id for b in bases)
+        pre = [v for b in bases if (v := b.value("pretrained", self.victim, self.metric)) is not None]
+        ft = [v for b in bases if (v := b.value("expert", self.victim, self.metric)) is not None]
+        vs.acc_pre, vs.acc_ft = _mean(pre), _mean(ft)
+        protect = []
+        art, exp = [], []
+        fp_violated, fp_diffs = False, []
+        for s, b in zip(seeds, bases):
+            if self.defense == REFERENCE:
+                e = _examples(b, "expert", self.victim, self.metric, 1.0)
+                art.append(e)
+                exp.append(e)
+                continue
+            carriers = [c for c in self.cells if c.seed == s and c.status == "ok"]
+            ucell = _utility_cell(self.ix, carriers[0]) if carriers else None
+            source = ucell or next((c for c in carriers if c.find("utility") is not None), None)
+            if source is None:
+                continue
+            self.ids.add(source.cell_id)
+            art.append(_examples(source, "utility", self.victim, self.metric, 1.0))
+            exp.append(_examples(b, "expert", self.victim, self.metric, 1.0))
+            protect.append(_timing(source, "protect"))
+            for c in [source, *carriers]:
+                violated, diff = _function_preservation(c)
+                fp_violated |= violated
+                if violated and diff is not None:
+                    fp_diffs.append(diff)
+        self._fp = (fp_violated, fp_diffs)
+        vs.protect_s = _mean(protect)
+        vs.peak_rss_mb = _max(_number(c.provenance.get("peak_rss_mb")) for c in self.cells if c.status == "ok")
+        pairs = [(a, e) for a, e in zip(art, exp) if a is not None and e is not None and len(a) == len(e)]
+        if not pairs:
+            return
+        a_mean = float(np.mean([a.mean() for a, _ in pairs]))
+        e_mean = float(np.mean([e.mean() for _, e in pairs]))
+        vs.utility = utility_ratio(a_mean, e_mean, self.hib)
+        n = len(pairs[0][0])
+        if n > 1 and all(len(a) == n for a, _ in pairs):
+            w = bootstrap_counts(_stable_rng(self.seed, self.suite, self.victim, "utility"), n, self.n_bootstrap)
+            a_draws = np.mean([(w @ a) / n for a, _ in pairs], axis=0)
+            e_draws = np.mean([(w @ e) / n for _, e in pairs], axis=0)
+            num, den = (a_draws, e_draws) if self.hib else (e_draws, a_draws)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                self._utility_draws = np.where(den > 0, num / den, np.nan)
+            vs.utility_ci = percentile_ci(self._utility_draws, self.ci_level)
+        elif vs.utility is not None:
+            self._utility_draws = np.full(self.n_bootstrap, vs.utility)
+
+    def _flags(self, vs: VictimScore, n: int) -> list[Flag]:
+        flags = []
+        violated, diffs = self._fp
+        if violated:
+            worst = f" (max |Δ| = {max(diffs):.3g})" if diffs else ""
+            flags.append(Flag("function_preservation_violated",
+                              f"{vs.defense} claims function preservation but changed outputs on {vs.victim}{worst}"))
+        if self.budget:
+            flags.append(Flag("budget_exceeded", "; ".join(f"{a} on {vs.victim}: {r}" for a, r in sorted(self.budget.items()))))
+        absent = [a for a in vs.attacks_missing if a not in self.budget]
+        if absent:
+            detail = [self.missing.get(a, f"{a} was never run") for a in absent]
+            flags.append(Flag("incomplete", f"on {vs.victim}: " + "; ".join(detail)))
+        if self.failed:
+            flags.append(Flag("failed_cells", f"{len(self.failed)} cell(s) failed on {vs.victim}: "
+                                              + ", ".join(sorted(self.failed))))
+        uninformative = [f"{p.attack}/{p.merge}" for p in vs.pairs if p.informative is False]
+        if not vs.informative:
+            flags.append(Flag("uninformative", f"{vs.victim}: no pair's gain is significantly positive"))
+        elif uninformative:
+            flags.append(Flag("uninformative", f"{vs.victim}: pairs without a significant gain: {', '.join(uninformative)}"))
+        if n <= 1 and vs.pairs:
+            flags.append(Flag("no_examples", f"{vs.victim}: no per-example outcomes"))
+        return flags
+
+
+def _flip(ci: tuple[float, float] | None) -> tuple[float, float] | None:
+    return None if ci is None else (1.0 - ci[1], 1.0 - ci[0])
+
+
+def _function_preservation(cell: CellRecord) -> tuple[bool, float | None]:
+    """(violated, max_abs_diff) from the cell's function-preservation flag (the runner applied the one
+    tolerance, `bench.plugins.PRESERVATION_TOLERANCE`, and stored the verdict as ``ok``)."""
+    flag = ((cell.provenance or {}).get("flags") or {}).get("function_preservation")
+    if not isinstance(flag, dict) or not flag.get("claimed"):
+        return False, None
+    diff = _number(flag.get("max_abs_diff"))
+    ok = flag.get("ok")
+    if ok is None:  # an old flag without a verdict: apply the tolerance it recorded
+        tol = _number(flag.get("tolerance"))
+        ok = diff is not None and tol is not None and diff <= tol
+    return not bool(ok), diff
 
 
 # ---------------------------------------------------------------- scoring
@@ -464,180 +882,63 @@ def score(records: Iterable[CellRecord], *, attacks: Sequence[str] | None = None
     records = list(records)
     standard = standard_attacks(attacks)
     ix = _index(records)
-    victims, draws = _score_victims(ix, records, standard, n_bootstrap, ci_level, seed)
-    suites, suite_draws = _score_suites(victims, draws, utility_floor, ci_level)
+    groups: dict[tuple[str, str, str], list[CellRecord]] = defaultdict(list)
+    for c in ix.protected:
+        groups[(c.suite, c.defense, c.victim)].append(c)
+    for c in ix.unprotected:  # the reference row: the unprotected filling is what defense `none` releases
+        groups[(c.suite, REFERENCE, c.victim)].append(c)
+    victims, draws = [], {}
+    for key in sorted(groups):
+        vs, data = _VictimScorer(ix, *key, groups[key], standard, n_bootstrap, ci_level, seed).score()
+        victims.append(vs)
+        draws[key] = data
+    suites, suite_draws = _score_suites(victims, draws, utility_floor, ci_level, n_bootstrap)
     overall, overall_draws = _score_overall(suites, suite_draws, utility_floor, ci_level)
     stability = {}
     for suite in sorted({s.suite for s in suites if s.suite is not None}):
-        group = [s for s in suites if s.suite == suite]
-        stability[suite] = _stability(group, suite_draws)
+        stability[suite] = _stability([s for s in suites if s.suite == suite], suite_draws)
     stability["*"] = _stability(overall, overall_draws)
     config = {"utility_floor": utility_floor, "n_bootstrap": n_bootstrap, "ci_level": ci_level, "seed": seed,
-              "break_threshold": BREAK_THRESHOLD, "reference": REFERENCE}
+              "break_threshold": BREAK_THRESHOLD, "reference": REFERENCE,
+              "recovered": "counterfactual: (V_P - V_∅) / (V_U - V_∅), clipped to [0, 1]",
+              "worst_case": "best pair chosen on half the test examples, reported on the other half",
+              "intervals": "paired percentile bootstrap over test examples and replicates"}
     return Scores(victims, suites, overall, stability, _not_applicable(records, suites), standard, config)
 
 
-def score_store(store: Any, **kwargs: Any) -> Scores:
-    """`score` over every cell of a `bench.store.Store`."""
-    return score(store.cells(), **kwargs)
-
-
-def _score_victims(ix: _Index, records: list[CellRecord], standard: list[str], n_bootstrap: int,
-                   ci_level: float, seed: int) -> tuple[list[VictimScore], dict[tuple[str, str, str], tuple]]:
-    by_victim: dict[tuple[str, str, str], list[CellRecord]] = defaultdict(list)
-    for c in ix.merges.values():
-        by_victim[(c.suite, c.defense, c.victim)].append(c)
-    not_ok: dict[tuple[str, str, str], list[CellRecord]] = defaultdict(list)
-    for c in ix.not_ok:
-        if c.kind == "merge":
-            not_ok[(c.suite, c.defense, c.victim)].append(c)
-
-    # The suite's replicate list per victim is shared by all defenses (paired bootstrap).
-    replicates: dict[tuple[str, str], list[tuple[tuple[str, ...], int]]] = defaultdict(list)
-    for (suite, _d, victim), cells in by_victim.items():
-        replicates[(suite, victim)].extend((tuple(c.partners), c.seed) for c in cells)
-    replicates = {k: sorted(set(v)) for k, v in replicates.items()}
-    indices = {k: _stable_rng(seed, *k).integers(0, len(v), size=(n_bootstrap, len(v)))
-               for k, v in replicates.items()}
-
-    out, draws = [], {}
-    for key in sorted(by_victim):
-        suite, defense, victim = key
-        reps = replicates[(suite, victim)]
-        vs, data = _victim_score(key, by_victim[key], not_ok.get(key, []), reps, ix, standard)
-        point = _victim_statistics(data, np.arange(len(reps))[None, :])
-        boot = _victim_statistics(data, indices[(suite, victim)])
-        _fill_victim(vs, point, boot, ci_level)
-        out.append(vs)
-        draws[key] = (boot[0], boot[1])
-    return out, draws
-
-
-def _victim_score(key: tuple[str, str, str], cells: list[CellRecord], failed: list[CellRecord],
-                  reps: list[tuple[tuple[str, ...], int]], ix: _Index,
-                  standard: list[str]) -> tuple[VictimScore, _VictimData]:
-    suite, defense, victim = key
-    metric, hib = ix.metric_of.get((suite, victim), ("", True))
-    base_cells = [ix.baselines[(suite, victim, s)] for s in sorted({c.seed for c in cells})
-                  if (suite, victim, s) in ix.baselines]
-    pre = [v for b in base_cells if (v := _value(b, "pretrained", victim, metric)) is not None]
-    ft = [v for b in base_cells if (v := _value(b, "expert", victim, metric)) is not None]
-    vs = VictimScore(suite, defense, victim, metric, hib,
-                     float(np.mean(pre)) if pre else None, float(np.mean(ft)) if ft else None)
-
-    pairs = sorted({(c.attack, c.merge) for c in cells})
-    rep_pos = {r: i for i, r in enumerate(reps)}
-    rec = np.full((len(reps), len(pairs)), np.nan)
-    util_sum = np.zeros(len(reps))
-    util_n = np.zeros(len(reps))
-    per_pair: dict[tuple[str, str], list[_Obs]] = defaultdict(list)
-    ids: set[str] = set()
-    fp_diffs: list[float] = []
-    fp_violated = False
-    for c in cells:
-        obs = _observe(c, ix)
-        ids.update(obs.cell_ids)
-        r, p = rep_pos[(tuple(c.partners), c.seed)], pairs.index((c.attack, c.merge))
-        if obs.recovered is not None:
-            rec[r, p] = obs.recovered
-        if obs.utility is not None:
-            util_sum[r] += obs.utility
-            util_n[r] += 1
-        per_pair[(c.attack, c.merge)].append(obs)
-        violated, diff = _function_preservation(c)
-        fp_violated |= violated
-        if violated and diff is not None:
-            fp_diffs.append(diff)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        util = np.where(util_n > 0, util_sum / np.maximum(util_n, 1), np.nan)
-
-    vs.replicates = sorted({(tuple(c.partners), c.seed) for c in cells})
-    vs.cell_ids = sorted(ids | {c.cell_id for c in failed})
-    vs.pairs = [_pair_score(a, m, per_pair[(a, m)]) for a, m in pairs]
-    evaluated = sorted({p.attack for p in vs.pairs if p.recovered is not None})
-    covered = {attack_name(c) for c in cells if c.attack in evaluated} | set(evaluated)
-    na = {c.attack: c.reason for c in failed if c.status == "na" and c.attack not in evaluated}
-    na_names = {attack_name(c) for c in failed if c.status == "na"} | set(na)
-    vs.attacks_evaluated = evaluated
-    vs.attacks_na = dict(sorted(na.items()))
-    # The unprotected reference recovers everything with the plain merge by construction; it needs no other attack.
-    if defense != REFERENCE:
-        vs.attacks_missing = [a for a in standard if a not in covered and a not in na_names]
-    all_obs = [o for obs in per_pair.values() for o in obs]
-    vs.protect_s = _mean(o.protect_s for o in all_obs)
-    vs.peak_rss_mb = _max(o.peak_rss_mb for o in all_obs)
-    vs.flags = _victim_flags(vs, failed, fp_violated, fp_diffs)
-    return vs, _VictimData(pairs, rec, util)
-
-
-def _pair_score(attack: str, merge: str, obs: list[_Obs]) -> PairScore:
-    values = [o.recovered for o in obs if o.recovered is not None]
-    reasons = sorted({o.na_reason for o in obs if o.recovered is None and o.na_reason})
-    return PairScore(attack, merge, float(np.mean(values)) if values else None, len(values),
-                     "" if values else "; ".join(reasons),
-                     _mean(o.attack_s for o in obs), _mean(o.partner_effect for o in obs))
-
-
-def _mean(xs: Iterable[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return float(np.mean(vals)) if vals else None
-
-
-def _max(xs: Iterable[float | None]) -> float | None:
-    vals = [x for x in xs if x is not None]
-    return float(max(vals)) if vals else None
-
-
-def _victim_flags(vs: VictimScore, failed: list[CellRecord], fp_violated: bool, fp_diffs: list[float]) -> list[Flag]:
-    flags = []
-    if fp_violated:
-        worst = f" (max |Δ| = {max(fp_diffs):.3g})" if fp_diffs else ""
-        flags.append(Flag("function_preservation_violated",
-                          f"{vs.defense} claims function preservation but changed outputs on {vs.victim}{worst}"))
-    if vs.attacks_missing:
-        flags.append(Flag("incomplete", f"security on {vs.victim} rests on {len(vs.attacks_evaluated)} attacks; "
-                                        f"missing: {', '.join(vs.attacks_missing)}"))
-    n_failed = sum(1 for c in failed if c.status == "failed")
-    if n_failed:
-        flags.append(Flag("failed_cells", f"{n_failed} cell(s) failed on {vs.victim}"))
-    return flags
-
-
-def _fill_victim(vs: VictimScore, point: tuple, boot: tuple, ci_level: float) -> None:
-    security, utility = point
-    vs.security, vs.utility = _opt(security[0]), _opt(utility[0])
-    vs.security_ci, vs.utility_ci = _ci(boot[0], ci_level), _ci(boot[1], ci_level)
-    best = _best_pair(vs.pairs)
-    if vs.security is not None and best is not None:
-        vs.best_attack, vs.best_merge, vs.attack_s = best.attack, best.merge, best.attack_s
-    plain = [p.partner_effect for p in vs.pairs if p.attack == REFERENCE and p.partner_effect is not None]
-    vs.partner_effect = _mean(plain) if plain else _mean(p.partner_effect for p in vs.pairs)
-    if vs.security is None:
-        vs.flags.append(Flag("no_security", f"no attack could be scored on {vs.victim}"))
-
-
-def _score_suites(victims: list[VictimScore], draws: dict, floor: float,
-                  ci_level: float) -> tuple[list[DefenseScore], dict]:
+def _score_suites(victims: list[VictimScore], draws: dict, floor: float, ci_level: float,
+                  n_bootstrap: int) -> tuple[list[DefenseScore], dict]:
     groups: dict[tuple[str, str], list[VictimScore]] = defaultdict(list)
     for v in victims:
         groups[(v.suite, v.defense)].append(v)
     out, suite_draws = [], {}
     for (suite, defense), vss in sorted(groups.items()):
-        sec = np.stack([draws[(suite, defense, v.victim)][0] for v in vss])
-        util = np.stack([draws[(suite, defense, v.victim)][1] for v in vss])
+        informative = [v for v in vss if v.security is not None]
+        sec = (np.stack([draws[(suite, defense, v.victim)].security_draws for v in informative]) if informative
+               else np.full((1, n_bootstrap), np.nan))
+        util = np.stack([draws[(suite, defense, v.victim)].utility_draws for v in vss])
         ds = DefenseScore(suite, defense, [v.victim for v in vss], suites=[suite])
-        ds.security = _mean(v.security for v in vss)
+        ds.security = _mean(v.security for v in informative)
         ds.utility = _mean(v.utility for v in vss)
-        ds.security_ci = _ci(_quiet_nanmean(sec, axis=0), ci_level)
-        ds.utility_ci = _ci(_quiet_nanmean(util, axis=0), ci_level)
+        ds.security_ci = percentile_ci(_quiet_nanmean(sec, axis=0), ci_level) if informative else None
+        ds.utility_ci = percentile_ci(_quiet_nanmean(util, axis=0), ci_level)
         ds.pairs = _average_pairs([v.pairs for v in vss])
-        _fill_best(ds)
+        worst = max(informative, key=lambda v: (v.best_recovered or 0.0, v.victim), default=None)
+        if worst is not None:
+            ds.best_attack, ds.best_merge = worst.best_attack, worst.best_merge
+            ds.best_recovered, ds.attack_s = worst.best_recovered, worst.attack_s
         ds.partner_effect = _mean(v.partner_effect for v in vss)
         ds.protect_s = _mean(v.protect_s for v in vss)
         ds.peak_rss_mb = _max(v.peak_rss_mb for v in vss)
         ds.attacks_missing = sorted({a for v in vss for a in v.attacks_missing})
+        ds.uninformative_victims = sorted(v.victim for v in vss if v.security is None)
         ds.flags = _merge_flags([f for v in vss for f in v.flags])
-        _floor_flag(ds, floor)
+        if not informative:
+            ds.flags = _merge_flags([*ds.flags, Flag("no_security", "no victim carries a significant gain")])
+        below = [f"{v.victim} {v.utility:.3f}" for v in vss if v.utility is not None and v.utility < floor]
+        if below:
+            ds.flags = _merge_flags([*ds.flags, Flag("utility_below_floor",
+                                                     f"utility below the floor {floor:g} on " + ", ".join(below))])
         out.append(ds)
         suite_draws[(suite, defense)] = (_quiet_nanmean(sec, axis=0), _quiet_nanmean(util, axis=0))
     for suite in sorted({d.suite for d in out}):
@@ -646,7 +947,7 @@ def _score_suites(victims: list[VictimScore], draws: dict, floor: float,
 
 
 def _average_pairs(groups: list[list[PairScore]]) -> list[PairScore]:
-    """Per (attack, merge): the mean over victims of their recovered means."""
+    """Per (attack, merge): the mean over victims of their informative recovered values."""
     acc: dict[tuple[str, str], list[PairScore]] = defaultdict(list)
     for ps in groups:
         for p in ps:
@@ -656,22 +957,11 @@ def _average_pairs(groups: list[list[PairScore]]) -> list[PairScore]:
         vals = [p.recovered for p in ps if p.recovered is not None]
         reason = "" if vals else "; ".join(sorted({p.na_reason for p in ps if p.na_reason}))
         out.append(PairScore(a, m, float(np.mean(vals)) if vals else None, len(vals), reason,
-                             _mean(p.attack_s for p in ps), _mean(p.partner_effect for p in ps)))
+                             _mean(p.attack_s for p in ps), _mean(p.partner_effect for p in ps),
+                             _mean(p.v_protected for p in ps), _mean(p.v_unprotected for p in ps),
+                             _mean(p.v_counterfactual for p in ps), _mean(p.gain for p in ps),
+                             informative=any(p.informative for p in ps)))
     return out
-
-
-def _best_pair(pairs: list[PairScore]) -> PairScore | None:
-    """The (attack, merge) recovering most; among ties the cheaper attack, then the first by name."""
-    scored = [p for p in pairs if p.recovered is not None]
-    if not scored:
-        return None
-    return min(scored, key=lambda p: (-p.recovered, p.attack_s or 0.0, p.attack, p.merge))
-
-
-def _fill_best(ds: DefenseScore) -> None:
-    best = _best_pair(ds.pairs)
-    if best is not None:
-        ds.best_attack, ds.best_merge, ds.best_recovered, ds.attack_s = best.attack, best.merge, best.recovered, best.attack_s
 
 
 def _merge_flags(flags: list[Flag]) -> list[Flag]:
@@ -683,10 +973,8 @@ def _merge_flags(flags: list[Flag]) -> list[Flag]:
     return [Flag(code, "; ".join(msgs)) for code, msgs in sorted(by_code.items())]
 
 
-def _floor_flag(ds: DefenseScore, floor: float) -> None:
-    if ds.utility is not None and ds.utility < floor:
-        ds.flags.append(Flag("utility_below_floor", f"utility {ds.utility:.3f} is below the floor {floor:g}"))
-        ds.flags.sort(key=lambda f: f.code)
+UNRANKING = ("failed_cells", "budget_exceeded", "incomplete", "utility_below_floor", "function_preservation_violated")
+"""Flags that unrank an entry (besides having no security)."""
 
 
 def _rank_key(ds: DefenseScore) -> tuple:
@@ -697,12 +985,11 @@ def _rank(group: list[DefenseScore]) -> None:
     """Assign ranks 1.. to the rankable entries of one group; say why the others are unranked."""
     rankable = []
     for ds in group:
-        if ds.security is None:
-            ds.unranked_reason = "no attack could be scored"
-        elif ds.attacks_missing:
-            ds.unranked_reason = "incomplete: missing " + ", ".join(ds.attacks_missing)
-        elif ds.has_flag("utility_below_floor"):
-            ds.unranked_reason = "utility below the floor"
+        blocking = [f for f in ds.flags if f.code in UNRANKING]
+        if blocking:
+            ds.unranked_reason = "; ".join(f"{f.code}: {f.message}" for f in blocking)
+        elif ds.security is None:
+            ds.unranked_reason = "no informative victim: no security could be scored"
         elif ds.utility is None:
             ds.unranked_reason = "no utility measured"
         else:
@@ -718,12 +1005,14 @@ def _score_overall(suites: list[DefenseScore], suite_draws: dict, floor: float,
         by_defense[s.defense].append(s)
     out, draws = [], {}
     for defense, ss in sorted(by_defense.items()):
-        sec = _quiet_nanmean(np.stack([suite_draws[(s.suite, defense)][0] for s in ss]), axis=0)
+        scored = [s for s in ss if s.security is not None]
+        sec = (_quiet_nanmean(np.stack([suite_draws[(s.suite, defense)][0] for s in scored]), axis=0) if scored
+               else np.full_like(suite_draws[(ss[0].suite, defense)][0], np.nan))
         util = _quiet_nanmean(np.stack([suite_draws[(s.suite, defense)][1] for s in ss]), axis=0)
         ds = DefenseScore(None, defense, sorted({v for s in ss for v in s.victims}), suites=[s.suite for s in ss])
-        ds.security, ds.utility = _mean(s.security for s in ss), _mean(s.utility for s in ss)
-        ds.security_ci, ds.utility_ci = _ci(sec, ci_level), _ci(util, ci_level)
-        worst = [s for s in ss if s.best_recovered is not None]
+        ds.security, ds.utility = _mean(s.security for s in scored), _mean(s.utility for s in ss)
+        ds.security_ci, ds.utility_ci = percentile_ci(sec, ci_level), percentile_ci(util, ci_level)
+        worst = [s for s in scored if s.best_recovered is not None]
         if worst:
             top = max(worst, key=lambda s: s.best_recovered)
             ds.best_attack, ds.best_merge, ds.best_recovered, ds.attack_s = (
@@ -732,8 +1021,8 @@ def _score_overall(suites: list[DefenseScore], suite_draws: dict, floor: float,
         ds.protect_s = _mean(s.protect_s for s in ss)
         ds.peak_rss_mb = _max(s.peak_rss_mb for s in ss)
         ds.attacks_missing = sorted({a for s in ss for a in s.attacks_missing})
-        ds.flags = _merge_flags([f for s in ss for f in s.flags if f.code != "utility_below_floor"])
-        _floor_flag(ds, floor)
+        ds.uninformative_victims = sorted({f"{s.suite}/{v}" for s in ss for v in s.uninformative_victims})
+        ds.flags = _merge_flags([f for s in ss for f in s.flags])
         out.append(ds)
         draws[(None, defense)] = (sec, util)
     _rank(out)
@@ -751,7 +1040,7 @@ def _stability(group: list[DefenseScore], draws: dict) -> RankStability:
     counts = np.zeros((n, n))
     same = 0
     for b in range(n_draws):
-        # NaN (a defense with no resampled replicate) sorts last, like an unscored entry.
+        # NaN (a defense with no resampled value) sorts last, like an unscored entry.
         order = sorted(range(n), key=lambda i: (np.nan_to_num(-sec[i, b], nan=np.inf),
                                                 np.nan_to_num(-util[i, b], nan=np.inf), names[i]))
         for r, i in enumerate(order):
@@ -770,7 +1059,7 @@ def _not_applicable(records: list[CellRecord], suites: list[DefenseScore]) -> li
     scored = {(s.suite, s.defense) for s in suites}
     reasons: dict[tuple[str, str], set[str]] = defaultdict(set)
     for c in records:
-        if c.kind == "merge" and c.status == "na" and (c.suite, c.defense) not in scored:
+        if c.kind == "merge" and c.filling == "protected" and c.status == "na" and (c.suite, c.defense) not in scored:
             reasons[(c.suite, c.defense)].add(c.reason)
     return [(s, d, "; ".join(sorted(r))) for (s, d), r in sorted(reasons.items())]
 
@@ -779,7 +1068,7 @@ def _not_applicable(records: list[CellRecord], suites: list[DefenseScore]) -> li
 
 
 TABLE_HEADERS = ("rank", "suite", "defense", "utility", "security", "security CI", "best attack", "recovered",
-                 "protect s", "attack s", "flags")
+                 "uninformative", "protect s", "attack s", "flags")
 
 
 def table_rows(scores: Scores, *, include_overall: bool = True) -> list[tuple[Any, ...]]:
@@ -795,8 +1084,8 @@ def table_rows(scores: Scores, *, include_overall: bool = True) -> list[tuple[An
             rows.append((
                 ds.rank if ds.rank is not None else "-", label, ds.defense, _fmt(ds.utility), _fmt(ds.security),
                 _fmt_ci(ds.security_ci), f"{ds.best_attack}/{ds.best_merge}" if ds.best_attack else "-",
-                _fmt(ds.best_recovered), _fmt(ds.protect_s, 1), _fmt(ds.attack_s, 1),
-                ",".join(f.code for f in ds.flags) or "",
+                _fmt(ds.best_recovered), ",".join(ds.uninformative_victims) or "",
+                _fmt(ds.protect_s, 1), _fmt(ds.attack_s, 1), ",".join(f.code for f in ds.flags) or "",
             ))
     return rows
 

@@ -8,6 +8,7 @@ a hash of the suite's recipe, and rebuilt only when the recipe changes.
 from __future__ import annotations
 
 import os
+import sys
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ from bench.artifact import Artifact
 from bench.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from bench.families.base import ArchitectureMap
 from bench.families.family import Family
-from bench.weights import StateDict, hash_json, load_state, save_state, state_hash
+from bench.outcomes import Evaluation
+from bench.weights import CorruptFileError, StateDict, assert_finite, hash_json, load_verified, save_state, state_hash
 
 Split = Literal["train", "test"]
 CACHE_ENV = "MERGEARENA_CACHE"
@@ -118,6 +120,13 @@ class Suite(ABC):
         """Metrics of ``body`` with ``head`` on ``task``'s test split. ``merged`` marks a merged body
         (suites whose models need a post-merge repair, as BatchNorm recalibration, apply it then)."""
 
+    def evaluate_examples(self, body: StateDict | Artifact, head: StateDict, task: str, *,
+                          merged: bool = False) -> Evaluation:
+        """`evaluate` with one outcome per test example (what the scores' intervals resample). Suites
+        that can say per example override this (and derive `evaluate` from it); the default has metrics
+        only, and intervals then rest on replicates alone."""
+        return Evaluation(self.evaluate(body, head, task, merged=merged))
+
     # ------------------------------------------------------------ training hooks (attacks and defenses that train)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -125,7 +134,11 @@ class Suite(ABC):
         return nn.functional.cross_entropy(model(**batch.inputs), batch.labels)
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
-        """The optimiser of the suite's recipe, for fine-tuning done by attacks (AdamW 5e-5 unless overridden)."""
+        """The optimiser of the suite's expert recipe. Attacks that fine-tune (merge-finetune, GradErase and
+        the composites ending in them) train with it, so the free-rider uses the recipe the experts were
+        trained with unless its paper says otherwise. A suite whose recipe is not AdamW 5e-5 (this
+        default) must override it, and its ``finetune`` should build its optimiser here so the two
+        cannot drift apart."""
         return torch.optim.AdamW(params, lr=5e-5)
 
     # ------------------------------------------------------------ BatchNorm repair
@@ -173,21 +186,39 @@ class Suite(ABC):
         return (d / f"{task}.body.safetensors").is_file() and (d / f"{task}.head.safetensors").is_file()
 
     def expert(self, task: str) -> Expert:
-        """The expert for ``task``: from memory, from the cache, or fine-tuned now and cached."""
+        """The expert for ``task``: from memory, from the cache, or fine-tuned now and cached.
+
+        Cached files carry the hash they were written with; one that is unreadable or no longer matches
+        (a truncated copy, a full disk) is deleted with one line on stderr and the expert rebuilt. An expert
+        with NaN or Inf weights (a diverged fine-tune) raises `NonFiniteError` naming the tensor, uncached."""
         self.check_task(task)
         if task in self._experts:
             return self._experts[task]
         d = self.expert_dir()
         body_path, head_path = d / f"{task}.body.safetensors", d / f"{task}.head.safetensors"
+        expert = None
         if self.expert_cached(task):
-            expert = Expert(load_state(body_path), load_state(head_path))
-        else:
+            try:
+                expert = Expert(load_verified(body_path), load_verified(head_path))
+            except CorruptFileError as exc:
+                print(f"cached expert {self.name}/{task} is corrupt ({exc.reason}); recomputing", file=sys.stderr, flush=True)
+                body_path.unlink(missing_ok=True)  # the body first: its presence marks a complete expert
+                head_path.unlink(missing_ok=True)
+        if expert is None:
             expert = self.finetune(task, self.pretrained(), seed=0)
+            assert_finite(expert.body, f"expert {self.name}/{task}")
+            assert_finite(expert.head, f"the head of expert {self.name}/{task}")
             meta = {"suite": self.name, "task": task, "recipe_hash": self.recipe_hash()}
-            save_state(expert.head, head_path, meta)
-            save_state(expert.body, body_path, meta)  # body last: its presence marks a complete expert
+            save_state(expert.head, head_path, meta, record_hash=True)
+            save_state(expert.body, body_path, meta, record_hash=True)  # body last: its presence marks a complete expert
         self._experts[task] = expert
         return expert
+
+    def forget_loaded(self) -> None:
+        """Drop the experts and θ_pre held in memory (they are reloaded from the cache on next use): what the
+        runner does when a plugin changed shared weights in place."""
+        self._experts.clear()
+        self._pretrained = None
 
     def check_task(self, task: str) -> None:
         if task not in self.tasks:

@@ -15,10 +15,9 @@ from typing import Any
 import torch
 
 from bench.families.tiny import TINY_NAMES, tiny, tiny_inputs
-from bench.plugins import Defense, DefenseContext
+from bench.plugins import PRESERVATION_TOLERANCE, Defense, DefenseContext
 from bench.protect import DataRequiredError, NoDataSuite
 from bench.registry import defenses
-from bench.runner import PRESERVATION_TOLERANCE
 from bench.suite import Expert, MissingAssetError
 from bench.weights import l2_distance
 

@@ -14,9 +14,8 @@ The tables give seconds and tensors/s per method and path, and each path's peak 
 of the model size, also net of the interpreter's own footprint (its RSS after imports and a warm-up
 merge, before any weight is read) and, for the out-of-core path, as a multiple of the largest tensor.
 The in-memory path holds every model (θ_pre, the experts, the result); the out-of-core path holds
-the shard being filled plus one tensor's working set: the inputs of the largest tensor (SmolLM2's
-tied embedding, a fifth of the model) and the method's temporaries, a few copies for WA/TA but
-~20 float32 copies for TIES, so on a model whose embedding is that large TIES gains little. Peak
+a few row blocks (`bench.outofcore`: each merged block is written to its shard at once, and a large
+tensor is merged a block of rows at a time), whatever the model size. Peak
 RSS is ``VmHWM`` on Linux (see `_common.peak_rss_bytes` for why not ``ru_maxrss`` there).
 Each measuring process runs ``--threads`` torch threads (default 1: on a shared machine more
 threads mostly wait for each other).
@@ -49,7 +48,7 @@ from _common import (
     write_json,
 )
 
-METHODS = ("wa", "ta", "ties", "dare-ta", "dare-ties")
+METHODS = ("wa", "ta", "ties", "dare-ta", "dare-ties", "dare-ties-mergelm")
 PATHS = ("in-memory", "out-of-core")
 CHILD_TIMEOUT_S = 900
 

@@ -23,16 +23,55 @@ top-k eigen-directions": ``P = I − 2UUᵀ`` with U the top-k eigenvectors of
   energy (squared norm of their Q/K rows in the group, biases included) are flipped (2⌈k/2⌉ dims).
 * V and O are left untouched (the paper transforms only Q and K).
 
-FFN (§3.3, B.5/B.6): every MLP neuron is released as an order-N Taylor series of its activation around
-the midpoint of its pre-activations on the victim task's training data (see `defenses.taylor` for the
-release format and numerics). N defaults to 8. No neuron selection and no sign obfuscation (those are
-TaylorMLP's; ``expand_fraction < 1`` borrows TaylorMLP's selection as an extension, off by default).
-Measured consequence of expanding *all* neurons around the range midpoint: neurons whose calibration
-range is wide are approximated badly (all-MiniLM-L6-v2 on rt-sentiment reaches |Δ| ≈ 20, and at N = 8
-its six FFNs have relative errors from 1.6 to over 10³), and for SiLU and QuickGELU beyond the series'
-radius of convergence a larger N makes it worse. The artifact records the per-layer relative FFN error
-on calibration inputs so a utility loss can be traced to it. The paper's remainder/LWE and DP arguments
-are claims about security, not steps to run.
+FFN (§3.3, B.5/B.6): an order-N Taylor series of the activation replaces the FFN's down projection
+(see `defenses.taylor` for the release format and numerics). The paper fixes *where* each neuron is
+expanded and leaves *which* neurons and *which* N unstated:
+
+* **Where** (stated): "The expansion point z_0 is set as the midpoint between z_max and z_min in the
+  set Z, which is constructed from the feature representations z of training samples" (§3.3), here
+  ``calibration_samples`` training examples of the victim task.
+* **Which neurons and which N** (unstated). The paper's claim is about utility: "By selecting the
+  optimal expansion point based on the training set, we ensure that the approximation error has a
+  provably negligible impact on model performance" (§1), measured as 27.80 % vs 27.80 % on MBPP and
+  58.76 vs 57.88 on GSM8K (Table 3). It takes the expansion from TaylorMLP, its own baseline, which
+  it credits with "preserv[ing] performance by applying Taylor expansion" (§2). The one public
+  implementation of that expansion, TaylorMLP's code (guanchuwang/Taylor-Unswift), expands only the
+  neurons with the narrowest calibration range and keeps the others exact (``dim_selection`` /
+  ``Tylor_expansion_PhiMLP``: ``max_min_gap.argsort()[:select_dim]``). Its configuration with
+  N = 8, ``protection/llama_wikitext_test.py``, expands ``select_dim = 8000`` of Llama-3-8B's 14336
+  neurons per layer. So the defaults are **N = 8 and the 8000/14336 ≈ 0.558 narrowest-range
+  neurons of every FFN** (``expand_fraction``), the rest released exact (``exact_*`` tensors), so
+  as in TaylorMLP the other 44 % of each W_down's columns are in the release as they are (what
+  ``revert-ffn`` and ``taylor-invert`` then recover is measured by the attacks). Unlike TaylorMLP there is no random sign flip and no order mask (the paper has neither, and the
+  code's mask only acts on orders above 8).
+* **Why not every neuron.** Eq. 3 is written over all columns of W, and version 1 read it that way
+  (``expand_fraction=1``, still available). On all-MiniLM-L6-v2 the widest calibration ranges
+  reach |Δ| ≈ 20, where an order-8 series of GELU is far off: on rt-sentiment the six FFNs' relative
+  errors on calibration inputs ran from 1.8 to 3.6·10³ and the release was at chance (rt-sentiment 0.500
+  against the expert's 0.798), which contradicts the negligible loss the paper reports and
+  measures. For SiLU and QuickGELU a larger N would not help either: their series diverge beyond
+  ``|Δ| = sqrt(z0² + π²)``.
+* **Measured** (text-minilm, seed 0, standalone test accuracy; utility = release / expert). On
+  rt-sentiment the expanded 55.8 % of each FFN have calibration ranges of at most 4.7–6.0 (|Δ| ≤ 3)
+  and relative FFN errors of 0.007–0.09:
+
+  ==================  =======  ==============================  ==================================
+  victim              expert   version 1 (all neurons, N = 8)  version 2 (0.558 narrowest, N = 8)
+  ==================  =======  ==============================  ==================================
+  rt-sentiment        0.798    0.500 (utility 0.63)            0.794 (utility 0.995)
+  rt-subjectivity     0.912    0.500 (utility 0.55)            0.910 (utility 0.997)
+  debate-party        0.722    0.500 (utility 0.69)            0.711 (utility 0.985)
+  convention-party    0.598    0.533 (utility 0.89)            0.588 (utility 0.983)
+  ==================  =======  ==============================  ==================================
+
+  (Chance is 0.5 on every task.) TaylorMLP's other configuration (N = 6, 10000/14336 ≈ 0.7,
+  ``llama_protection.py``) gives 0.792 on rt-sentiment: either reading of the code keeps the loss
+  near the paper's.
+
+  ``vision-effnet`` has no transformer FFN (its blocks are ReLU6 convolutions), so the defense is
+  N/A there. The artifact records the per-layer relative FFN error on calibration inputs and the
+  number of expanded neurons, so a utility loss can be traced to it. The paper's remainder/LWE and
+  DP arguments are claims about security, not steps to run.
 
 Ablations (Table 4): ``mergebarrier-att`` (attention only; function-preserving) and
 ``mergebarrier-ffn`` (FFN only).
@@ -85,9 +124,10 @@ class FFNParams:
     calibration_samples: int = 256
     """Victim-task training examples whose pre-activations fix the expansion points."""
     batch_size: int = 32
-    expand_fraction: float = 1.0
-    """Fraction of each MLP's neurons released as a series (1.0: all, as the paper). Below 1, the
-    smallest-range neurons are expanded and the rest released exact (TaylorMLP's rule; an extension)."""
+    expand_fraction: float = 0.558
+    """Fraction of each MLP's neurons released as a series: the narrowest calibration ranges first, the
+    rest released exact (TaylorMLP's code, 8000 of 14336 at N = 8; see the module docstring). 1.0
+    expands every neuron (version 1's literal reading of Eq. 3)."""
 
 
 @dataclass(frozen=True)
@@ -250,29 +290,35 @@ def protect_attention(state: StateDict, ctx: DefenseContext, params: AttentionPa
 
 
 def protect_ffn(expert: Expert, state: StateDict, ctx: DefenseContext, params: FFNParams) -> dict[str, object]:
-    """Replace every MLP of ``state`` by its Taylor release around the calibration midpoints."""
+    """Replace every MLP of ``state`` by its Taylor release around the calibration midpoints: the
+    ``expand_fraction`` narrowest-range neurons as a series, the others exact."""
     layers = check_expandable(ctx.arch)
     if params.order < 0:
         raise ValueError(f"MergeBarrier order must be >= 0; got order={params.order}")
     if not 0.0 < params.expand_fraction <= 1.0:
         raise ValueError(f"MergeBarrier expand_fraction must be in (0, 1]; got {params.expand_fraction}")
     calib = calibrate_expert(expert, ctx, layers, params.calibration_samples, params.batch_size)
-    errors = {}
+    errors, expanded, radius = {}, {}, 0.0
     for lay in layers:
         c = calib[lay.index]
+        width = c.stats.spread.numel()
         selected = None
         if params.expand_fraction < 1.0:
-            width = c.stats.spread.numel()
             selected, _ = select_neurons(c.stats.spread, max(1, round(params.expand_fraction * width)), max_gap=0.0)
         release = expand_mlp(expert.body, lay.mlp, c.stats.midpoint, params.order, selected=selected)
         errors[str(lay.index)] = measure_relative_error(expert.body, release, lay.mlp, c.inputs)
+        expanded[str(lay.index)] = width if selected is None else len(selected)
+        spread = c.stats.spread if selected is None else c.stats.spread[selected]
+        radius = max(radius, float(spread.max()) / 2)
         replace_mlp(state, lay, release)
     return {
         "ffn_layers": len(layers),
         "order": params.order,
+        "expanded_neurons": expanded,
         "calibration_tokens": calib[layers[0].index].stats.count,
         "ffn_relative_error": errors,  # per layer, on calibration inputs
         "max_preactivation_radius": max(float(calib[lay.index].stats.spread.max()) / 2 for lay in layers),
+        "max_expanded_radius": radius,  # largest |Δ| on calibration data among the expanded neurons
     }
 
 
@@ -300,6 +346,7 @@ class MergeBarrier(_MergeBarrierBase):
     """MergeBarrier: per-head orthogonal Q/K projection (exact) + Taylor-reparameterised FFNs (approximate)."""
 
     name = "mergebarrier"
+    version = "2"
     Params = MergeBarrierParams
     applies_to = frozenset({ATTENTION, MLP})
     changes_structure = True
@@ -326,6 +373,7 @@ class MergeBarrierFFN(_MergeBarrierBase):
     """MergeBarrier's FFN Taylor reparameterisation alone (ablation MergeBarrier_FFN, Table 4)."""
 
     name = "mergebarrier-ffn"
+    version = "2"
     Params = FFNParams
     applies_to = frozenset({MLP})
     changes_structure = True

@@ -32,7 +32,8 @@ from bench import scoring
 from bench.scoring import DefenseScore, PairScore, Scores, VictimScore
 from bench.store import CellRecord, Store
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: counterfactual scores: pairs carry V_P, V_U, V_∅, gain and intervals; victims their held-out worst case."""
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 DIGITS = 6
 """Scores are rounded to this many decimals: enough for any metric, stable across platforms."""
@@ -141,7 +142,10 @@ def _flags(ds: DefenseScore | VictimScore) -> list[dict[str, str]]:
 
 
 def _pair(p: PairScore) -> dict[str, Any]:
-    return {"attack": p.attack, "merge": p.merge, "recovered": _num(p.recovered), "n": p.n,
+    return {"attack": p.attack, "merge": p.merge, "recovered": _num(p.recovered), "recovered_ci": _ci(p.recovered_ci),
+            "v_protected": _num(p.v_protected), "v_unprotected": _num(p.v_unprotected),
+            "v_counterfactual": _num(p.v_counterfactual), "gain": _num(p.gain), "gain_ci": _ci(p.gain_ci),
+            "informative": p.informative, "examples": p.examples, "n": p.n,
             "na_reason": p.na_reason, "attack_s": _num(p.attack_s, 3), "partner_effect": _num(p.partner_effect)}
 
 
@@ -155,7 +159,7 @@ def summary(ds: DefenseScore) -> dict[str, Any]:
         "attack_s": _num(ds.attack_s, 3), "peak_rss_mb": _num(ds.peak_rss_mb, 1),
         "complete": ds.complete, "attacks_missing": list(ds.attacks_missing), "rank": ds.rank,
         "unranked_reason": ds.unranked_reason, "flags": _flags(ds), "victims": list(ds.victims),
-        "suites": list(ds.suites),
+        "uninformative_victims": list(ds.uninformative_victims), "suites": list(ds.suites),
     }
 
 
@@ -165,7 +169,8 @@ def _victim(vs: VictimScore) -> dict[str, Any]:
         "acc_pre": _num(vs.acc_pre), "acc_ft": _num(vs.acc_ft),
         "utility": _num(vs.utility), "utility_ci": _ci(vs.utility_ci),
         "security": _num(vs.security), "security_ci": _ci(vs.security_ci),
-        "best_attack": vs.best_attack, "best_merge": vs.best_merge,
+        "best_attack": vs.best_attack, "best_merge": vs.best_merge, "best_recovered": _num(vs.best_recovered),
+        "informative": vs.informative, "failed_cells": list(vs.failed_cells),
         "partner_effect": _num(vs.partner_effect), "protect_s": _num(vs.protect_s, 3),
         "attack_s": _num(vs.attack_s, 3), "peak_rss_mb": _num(vs.peak_rss_mb, 1),
         "complete": vs.complete, "attacks_evaluated": list(vs.attacks_evaluated),
@@ -177,11 +182,12 @@ def _victim(vs: VictimScore) -> dict[str, Any]:
 
 def _cell(c: CellRecord) -> dict[str, Any]:
     return {
-        "cell_id": c.cell_id, "kind": c.kind, "suite": c.suite, "victim": c.victim, "partners": list(c.partners),
+        "cell_id": c.cell_id, "kind": c.kind, "filling": c.filling, "suite": c.suite, "victim": c.victim,
+        "partners": list(c.partners),
         "defense": c.defense, "attack": c.attack, "merge": c.merge, "seed": c.seed, "status": c.status,
         "reason": c.reason, "spec": _clean(c.spec), "provenance": _clean(c.provenance),
         "metrics": [{"role": m.role, "task": m.task, "metric": m.metric, "value": _clean(float(m.value)),
-                     "higher_is_better": m.higher_is_better} for m in c.metrics],
+                     "higher_is_better": m.higher_is_better, "examples": m.examples} for m in c.metrics],
         "run_id": c.run_id, "date": iso_date(c.created),
     }
 
@@ -218,7 +224,7 @@ def entry_document(scores: Scores, ds: DefenseScore, cells: dict[str, CellRecord
     victims = scores.victim_scores(ds.suite, ds.defense)
     ids = sorted({i for v in victims for i in v.cell_ids})
     used = [cells[i] for i in ids if i in cells]
-    own = [c for c in used if c.kind == "merge" and c.defense == ds.defense and c.status == "ok"]
+    own = [c for c in used if c.kind == "merge" and c.filling == "protected" and c.defense == ds.defense and c.status == "ok"]
     run_ids = sorted({c.run_id for c in used if c.run_id})
     return {
         **_common(scores),
@@ -254,7 +260,7 @@ def manifest_document(scores: Scores, records: list[CellRecord], files: list[dic
         "n_cells": len(records),
         "runs": sorted({c.run_id for c in records if c.run_id}),
         "suites": sorted({s.suite for s in scores.suites}),
-        "defenses": sorted({c.defense for c in merges}),
+        "defenses": sorted({c.defense for c in merges if c.filling != "counterfactual"}),
         "attacks": sorted({c.attack for c in merges} | set(scores.standard_attacks)),
         "merges": sorted({c.merge for c in merges}),
         "entries": [{"suite": ds.suite, "defense": ds.defense, "file": entry_path(ds.suite, ds.defense),
@@ -272,8 +278,9 @@ def manifest_document(scores: Scores, records: list[CellRecord], files: list[dic
 LEADERBOARD_COLUMNS = ("group", "defense", "rank", "utility", "utility_lo", "utility_hi", "security", "security_lo",
                        "security_hi", "best_attack", "best_merge", "best_recovered", "partner_effect", "protect_s",
                        "attack_s", "peak_rss_mb", "complete", "flags")
-RECOVERED_COLUMNS = ("suite", "defense", "victim", "attack", "merge", "recovered", "n", "na_reason", "attack_s",
-                     "partner_effect")
+RECOVERED_COLUMNS = ("suite", "defense", "victim", "attack", "merge", "recovered", "recovered_lo", "recovered_hi",
+                     "v_protected", "v_unprotected", "v_counterfactual", "gain", "gain_lo", "gain_hi", "informative",
+                     "examples", "n", "na_reason", "attack_s", "partner_effect")
 
 
 def _csv(columns: Sequence[str], rows: Iterable[dict[str, Any]]) -> str:
@@ -300,8 +307,13 @@ def leaderboard_csv(scores: Scores) -> str:
 
 
 def recovered_csv(scores: Scores) -> str:
-    rows = [{"suite": v.suite, "defense": v.defense, "victim": v.victim, **_pair(p)}
-            for v in scores.victims for p in v.pairs]
+    rows = []
+    for v in scores.victims:
+        for p in v.pairs:
+            row = _pair(p)
+            rec, gain = row["recovered_ci"] or [None, None], row["gain_ci"] or [None, None]
+            rows.append({"suite": v.suite, "defense": v.defense, "victim": v.victim, **row,
+                         "recovered_lo": rec[0], "recovered_hi": rec[1], "gain_lo": gain[0], "gain_hi": gain[1]})
     return _csv(RECOVERED_COLUMNS, rows)
 
 

@@ -59,7 +59,7 @@ def sort_value(x: Any) -> str:
 
 def pretty_json(x: Any) -> str:
     """Indented JSON as plain text (the template escapes it like any other text)."""
-    return json.dumps(x, indent=1, sort_keys=True, ensure_ascii=False)
+    return json.dumps(x, indent=1, sort_keys=True, ensure_ascii=False, allow_nan=False)
 
 
 _URL = re.compile(r"https?://[^\s<>\"')\]]+")

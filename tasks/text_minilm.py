@@ -27,12 +27,13 @@ from torch import nn
 
 from bench.artifact import Artifact
 from bench.families.bert import BertFamily
+from bench.outcomes import Evaluation
 from bench.registry import suites
 from bench.suite import Batch, Expert, MissingAssetError, Regularizer, Split, Suite
 from bench.weights import CheckpointError, StateDict, load_state
 from tasks import data
 from tasks.training import (
-    accuracy,
+    accuracy_evaluation,
     batch_indices,
     detached_state,
     endless,
@@ -158,6 +159,10 @@ class TextMiniLM(Suite):
         linear = linear_head(head, self.family().config.hidden_size, self.num_classes(task))
         return TextClassifier(module, linear).eval()
 
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The experts' optimiser (AdamW, lr 5e-5, weight decay 0.01): attacks that fine-tune use it too."""
+        return torch.optim.AdamW(params, lr=self.LR, weight_decay=self.WEIGHT_DECAY)
+
     def finetune(self, task: str, body: StateDict, head: StateDict | None = None, *, seed: int = 0,
                  regularizer: Regularizer | None = None, steps: int | None = None) -> Expert:
         self.check_task(task)
@@ -168,13 +173,17 @@ class TextMiniLM(Suite):
                 self.family().build(body),
                 linear_head(head, self.family().config.hidden_size, self.num_classes(task)),
             )
-            optimizer = torch.optim.AdamW(model.parameters(), lr=self.LR, weight_decay=self.WEIGHT_DECAY)
+            optimizer = self.make_optimizer(model.parameters())
             stream = endless(lambda epoch: self.batches(task, "train", batch_size=self.BATCH_SIZE, shuffle=True,
                                                         seed=seed * 1000 + epoch))
             train(model, optimizer, stream, steps, regularizer, desc=f"{self.name}/{task}")
         return Expert(body=detached_state(model.body), head=detached_state(model.head))
 
     def evaluate(self, body: StateDict | Artifact, head: StateDict, task: str, *, merged: bool = False) -> dict[str, float]:
+        return dict(self.evaluate_examples(body, head, task, merged=merged).metrics)
+
+    def evaluate_examples(self, body: StateDict | Artifact, head: StateDict, task: str, *,
+                          merged: bool = False) -> Evaluation:
         # LayerNorm needs no post-merge repair, so `merged` changes nothing here.
         model = self.task_model(body, head, task)
-        return {"accuracy": accuracy(model, self.batches(task, "test", batch_size=self.EVAL_BATCH_SIZE))}
+        return accuracy_evaluation(model, self.batches(task, "test", batch_size=self.EVAL_BATCH_SIZE))

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from bench.outcomes import Evaluation
 from bench.suite import Batch, Regularizer
 from bench.weights import CheckpointError, StateDict
 
@@ -73,16 +74,23 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[
 
 
 @torch.no_grad()
+def correct_per_example(model: nn.Module, batches: Iterable[Batch]) -> np.ndarray:
+    """1.0 where ``model`` (put in eval mode) predicts the label (top-1), else 0.0, in batch order."""
+    model.eval()
+    flags = [(model(**batch.inputs).argmax(-1) == batch.labels).to(torch.float64).numpy() for batch in batches]
+    if not flags or sum(len(f) for f in flags) == 0:
+        raise ValueError("no evaluation samples")
+    return np.concatenate(flags)
+
+
+def accuracy_evaluation(model: nn.Module, batches: Iterable[Batch]) -> Evaluation:
+    """Top-1 accuracy of ``model`` over ``batches``, with its per-example outcomes."""
+    return Evaluation.from_examples({"accuracy": correct_per_example(model, batches)})
+
+
 def accuracy(model: nn.Module, batches: Iterable[Batch]) -> float:
     """Top-1 accuracy of ``model`` (put in eval mode) over ``batches``."""
-    model.eval()
-    correct = total = 0
-    for batch in batches:
-        correct += int((model(**batch.inputs).argmax(-1) == batch.labels).sum())
-        total += len(batch.labels)
-    if total == 0:
-        raise ValueError("no evaluation samples")
-    return correct / total
+    return float(correct_per_example(model, batches).mean())
 
 
 def detached_state(module: nn.Module) -> StateDict:

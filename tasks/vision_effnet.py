@@ -29,12 +29,13 @@ from torch.nn import functional as F
 
 from bench.artifact import Artifact
 from bench.families.efficientnet import EfficientNetFamily
+from bench.outcomes import Evaluation
 from bench.registry import suites
 from bench.suite import Batch, Expert, Regularizer, Split, Suite
 from bench.weights import StateDict
 from tasks import data
 from tasks.training import (
-    accuracy,
+    accuracy_evaluation,
     batch_indices,
     detached_state,
     endless,
@@ -142,6 +143,10 @@ class VisionEffNet(Suite):
         linear = linear_head(head, FEATURES, self.num_classes(task))
         return ImageClassifier(self.family().build(body), linear, self.DROPOUT).eval()
 
+    def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
+        """The experts' optimiser (SGD, lr 0.005, momentum 0.9, no weight decay): attacks that fine-tune use it too."""
+        return torch.optim.SGD(params, lr=self.LR, momentum=self.MOMENTUM)
+
     def finetune(self, task: str, body: StateDict, head: StateDict | None = None, *, seed: int = 0,
                  regularizer: Regularizer | None = None, steps: int | None = None) -> Expert:
         self.check_task(task)
@@ -150,14 +155,18 @@ class VisionEffNet(Suite):
             torch.manual_seed(seed)
             model = ImageClassifier(self.family().build(body), linear_head(head, FEATURES, self.num_classes(task)),
                                     self.DROPOUT)
-            optimizer = torch.optim.SGD(model.parameters(), lr=self.LR, momentum=self.MOMENTUM)
+            optimizer = self.make_optimizer(model.parameters())
             stream = endless(lambda epoch: self.batches(task, "train", batch_size=self.BATCH_SIZE, shuffle=True,
                                                         seed=seed * 1000 + epoch))
             train(model, optimizer, stream, steps, regularizer, desc=f"{self.name}/{task}")
         return Expert(body=detached_state(model.body), head=detached_state(model.head))
 
     def evaluate(self, body: StateDict | Artifact, head: StateDict, task: str, *, merged: bool = False) -> dict[str, float]:
+        return dict(self.evaluate_examples(body, head, task, merged=merged).metrics)
+
+    def evaluate_examples(self, body: StateDict | Artifact, head: StateDict, task: str, *,
+                          merged: bool = False) -> Evaluation:
         model = self.task_model(body, head, task)
         if merged:
             self.recalibrate(model, task)
-        return {"accuracy": accuracy(model, self.batches(task, "test", batch_size=self.EVAL_BATCH_SIZE))}
+        return accuracy_evaluation(model, self.batches(task, "test", batch_size=self.EVAL_BATCH_SIZE))

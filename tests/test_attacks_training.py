@@ -110,3 +110,88 @@ def test_merge_finetune_recovers_accuracy_on_a_damaged_merge(toy_suite) -> None:
     out = attack.finish(damaged, _ctx(toy_suite, Artifact(dict(expert.body))))
     after = toy_suite.evaluate(out, expert.head, "t10")["accuracy"]
     assert after > before + 0.1, (before, after)
+
+
+def _count_training_samples(suite, monkeypatch, task: str) -> set[tuple[int, ...]]:
+    """Distinct training examples of ``task`` drawn from ``suite`` from now on (filled as the attack runs)."""
+    seen: set[tuple[int, ...]] = set()
+    real = suite.batches
+
+    def spy(name, split, **kw):
+        for b in real(name, split, **kw):
+            if (name, split) == (task, "train"):
+                seen.update(tuple(row.tolist()) for row in b.inputs["input_ids"])
+            yield b
+
+    monkeypatch.setattr(suite, "batches", spy)
+    return seen
+
+
+def test_graderase_uses_exactly_its_declared_labelled_budget(toy_suite, monkeypatch) -> None:
+    # One draw of k examples serves the estimate of v and the re-training (version 1 drew two sets of k).
+    expert = toy_suite.expert("t10")
+    ctx = _ctx(toy_suite, Artifact(dict(expert.body)))  # builds the partner's expert before counting starts
+    seen = _count_training_samples(toy_suite, monkeypatch, "t10")
+    attack = GradErase.from_overrides({"samples": "16", "estimate_steps": "3", "steps": "3", "batch_size": "8"})
+    attack.finish(dict(expert.body), ctx)
+    assert len(seen) == attack.needs().labelled == 16
+
+
+def test_graderase_estimates_the_disturbance_from_the_released_artifact(toy_suite) -> None:
+    """v = −(the artifact fine-tuned on the attacker's k samples − the artifact): it moves with the artifact."""
+    import attacks.graderase as ge
+    from attacks._train import TrainBudget, finetune_body
+
+    expert = toy_suite.expert("t10")
+    base = toy_suite.pretrained()
+    # a MergeGuard-like release: the largest 10% of each tensor's task-vector entries reset to θ_pre
+    negated = {}
+    for k, v in expert.body.items():
+        tau = v - base[k]
+        if v.is_floating_point() and tau.numel() > 10:
+            cut = tau.abs().flatten().kthvalue(int(0.9 * tau.numel())).values
+            negated[k] = torch.where(tau.abs() > cut, base[k], v)
+        else:
+            negated[k] = v
+    attack = GradErase.from_overrides({"samples": "16", "estimate_steps": "4", "steps": "1", "batch_size": "8"})
+    released = _ctx(toy_suite, Artifact(negated))
+    data = attack.labelled_set(released)
+    v = attack.disturbance(released, data)
+    tuned = finetune_body(toy_suite, Artifact(negated), expert.head, "t10", TrainBudget(16, 4, 8), seed=0, data=data)
+    for k in v:
+        assert torch.equal(v[k], -(tuned[k] - negated[k]))
+    other = attack.disturbance(_ctx(toy_suite, Artifact(dict(expert.body))), data)
+    assert any(not torch.allclose(v[k], other[k]) for k in v)
+    assert ge.GradErase.version == "2"
+
+
+def test_attack_fine_tuning_uses_the_optimizer_of_each_embedded_suites_recipe(tmp_path) -> None:
+    from tasks.text_minilm import TextMiniLM
+    from tasks.vision_effnet import VisionEffNet
+
+    for suite in (TextMiniLM(cache_dir=tmp_path), VisionEffNet(cache_dir=tmp_path)):
+        declared = suite.recipe()["optimizer"]
+        opt = suite.make_optimizer([torch.nn.Parameter(torch.zeros(2))])
+        assert type(opt).__name__ == declared["name"], suite.name
+        for field in ("lr", "weight_decay", "momentum"):
+            if field in declared:
+                assert opt.defaults[field] == declared[field], (suite.name, field)
+
+
+def test_merge_finetune_on_vision_effnet_trains_with_the_suites_sgd(tmp_path, monkeypatch) -> None:
+    """The vision experts were trained with SGD (lr 0.005, momentum 0.9): so is the attacker's fine-tune."""
+    from tasks.vision_effnet import VisionEffNet
+
+    suite = VisionEffNet(cache_dir=tmp_path)
+    made: list[torch.optim.Optimizer] = []
+    real = suite.make_optimizer
+    monkeypatch.setattr(suite, "make_optimizer", lambda params: made.append(real(params)) or made[-1])
+    body = suite.pretrained()
+    head = {"weight": 0.01 * torch.randn(10, 1280, generator=torch.Generator().manual_seed(0)), "bias": torch.zeros(10)}
+    ctx = AttackContext(suite=suite, victim="digits", partners=(), base=body, arch=suite.arch_map(),
+                        family=suite.family(), artifact=Artifact(dict(body)), victim_head=head, seed=0)
+    out = MergeFinetune.from_overrides({"samples": "8", "steps": "1", "batch_size": "8"}).finish(dict(body), ctx)
+    (opt,) = made
+    assert type(opt) is torch.optim.SGD
+    assert opt.defaults["lr"] == 0.005 and opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 0
+    assert opt.state and any(not torch.equal(out[k], body[k]) for k in body if body[k].is_floating_point())

@@ -108,15 +108,16 @@ def test_harness_protects_merges_and_evaluates_all_eight_tasks(suite) -> None:
     records = store.cells(suite="clip-vit-b32-ta8")
     assert summary.failed == 0 and {r.status for r in records} == {"ok"}, [r.reason for r in records]
     merged = {r.defense: r for r in records if r.kind == "merge"}
-    assert set(merged) == {"none", "params", "mergelock"}
-    for rec in merged.values():
-        assert {m.task for m in rec.metrics if m.role == "merged"} == set(TASKS)
+    assert set(merged) == {"none", "counterfactual", "params", "mergelock"}
+    for name in ("none", "params", "mergelock"):
+        assert {m.task for m in merged[name].metrics if m.role == "merged"} == set(TASKS)
+    assert {m.task for m in merged["counterfactual"].metrics} == {"eurosat"}  # θ_pre in the victim's slot
+    baseline = next(r for r in records if r.kind == "baseline")
     for name in ("params", "mergelock"):  # function-preserving on the vision tower...
         assert merged[name].provenance["flags"]["function_preservation"]["ok"]
-        assert merged[name].value("utility") == merged["none"].value("utility")
+        assert merged[name].value("utility") == baseline.value("expert")
         # ...yet the release is a different body, so the merge is a different model
-        assert merged[name].provenance["hashes"]["artifact"] != merged["none"].provenance["hashes"]["artifact"]
-    baseline = next(r for r in records if r.kind == "baseline")
+        assert merged[name].provenance["hashes"]["artifact"] != merged["none"].provenance["hashes"]["filling"]
     assert 0.0 <= baseline.value("pretrained") <= 1.0 and 0.0 <= baseline.value("expert") <= 1.0
 
 

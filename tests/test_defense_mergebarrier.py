@@ -29,8 +29,10 @@ from defenses.taylor import (
     activation_derivatives,
     activation_fn,
     calibrate,
+    calibrate_expert,
     expand_mlp,
     measure_relative_error,
+    select_neurons,
     standard_mlp_keys,
     taylor_prefix,
 )
@@ -280,7 +282,9 @@ def test_ffn_artifact_withholds_the_standard_mlp_tensors() -> None:
         assert not set(standard_mlp_keys(lay.mlp)) & set(artifact.state)
         p = taylor_prefix(lay)
         width, d_out = expert.body[lay.mlp.gate].shape[0], expert.body[lay.mlp.down].shape[0]
-        assert artifact.state[p + "coefficients"].shape == (6, d_out, width)
+        expanded = round(0.558 * width)
+        assert artifact.state[p + "coefficients"].shape == (6, d_out, expanded)
+        assert artifact.state[p + "exact_down_weight"].shape == (d_out, width - expanded)
         assert family.arch_map().layer_of(p + "coefficients") == lay.index
         # no tensor of the release equals W_down
         assert all(t.shape != expert.body[lay.mlp.down].shape or not torch.equal(t, expert.body[lay.mlp.down])
@@ -337,6 +341,36 @@ def test_plugins_and_variant_are_registered() -> None:
     assert defenses.get("mergebarrier-att") is MergeBarrierAttention
     assert defenses.get("mergebarrier-ffn") is MergeBarrierFFN
     assert hasattr(variants.get(VARIANT), "install")
+
+
+def test_default_ffn_release_expands_the_narrowest_ranges_at_order_8_and_keeps_wide_neurons_exact() -> None:
+    # TaylorMLP's code (the paper's unstated choices): the select_dim = 8000 of 14336 narrowest-range
+    # neurons at N = 8; the wide-range ones, which an order-8 series cannot follow, stay exact GELU.
+    family, expert, ctx, _ = setup("bert")
+    artifact = MergeBarrierFFN().protect(expert, ctx)
+    layers = family.arch_map().mlp_layers()
+    calib = calibrate_expert(expert, ctx, layers, 256, 32)
+    for lay in layers:
+        p, w_up = taylor_prefix(lay), expert.body[lay.mlp.up]
+        spread = calib[lay.index].stats.spread
+        expanded, exact = select_neurons(spread, round(0.558 * len(spread)), max_gap=0.0)
+        assert artifact.state[p + "coefficients"].shape[0] == 9
+        assert torch.equal(artifact.state[p + "act_weight"], w_up[expanded])
+        assert torch.equal(artifact.state[p + "exact_act_weight"], w_up[exact.sort().values])
+        assert float(spread[expanded].max()) <= float(spread[exact].min())
+        assert int(spread.argmax()) in exact.tolist()
+    assert artifact.notes["expanded_neurons"] == {str(lay.index): round(0.558 * w_up.shape[0]) for lay in layers}
+    assert artifact.notes["max_expanded_radius"] < artifact.notes["max_preactivation_radius"]
+    assert MergeBarrierFFN.version == MergeBarrier.version == "2"
+
+
+@pytest.mark.parametrize("name", ["bert", "llama"])
+def test_default_ffn_release_stays_close_to_the_expert_on_unscaled_models(name: str) -> None:
+    # The paper reports negligible loss (Table 3). Expanding every neuron (version 1) gave relative logit
+    # errors of 3.5e-2 (bert) and 0.23 (llama) here; the narrow-range selection gives 2.8e-3 and 1.1e-2.
+    family, expert, ctx, probe = setup(name)
+    artifact = MergeBarrierFFN().protect(expert, ctx)
+    assert relative(logits(family, artifact, probe), logits(family, expert.body, probe)) < 2e-2
 
 
 def test_expand_fraction_keeps_the_widest_range_neurons_exact() -> None:

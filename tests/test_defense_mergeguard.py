@@ -24,6 +24,7 @@ from defenses.mergeguard import (
     adversarial_weight_negation,
     critical_units,
     heldout_accuracy,
+    layerwise_l2,
     lm_io_keys,
     negate,
     negation_units,
@@ -270,9 +271,9 @@ def test_stage2_drops_are_measured_by_masking_each_layer(suite, expert, layer_ma
         assert notes["unit_drops"][unit] == pytest.approx(dropped)
 
 
-def test_stage2_negates_an_exact_top_k_fraction_of_each_layer_by_task_vector_magnitude(suite, expert):
+def test_stage2_unit_scope_negates_an_exact_top_k_fraction_of_each_layer_by_task_vector_magnitude(suite, expert):
     k = 0.1
-    _, masks, notes = stage2(suite, expert, k_params=k)
+    _, masks, notes = stage2(suite, expert, k_params=k, mask_scope="unit")
     tv = task_vector(expert.body, suite.pretrained())
     for unit in negation_units(tv, suite.arch_map(), "block", set()):
         if unit.name in notes["critical_units"]:
@@ -281,6 +282,48 @@ def test_stage2_negates_an_exact_top_k_fraction_of_each_layer_by_task_vector_mag
         magnitude = torch.cat([tv[key].abs().flatten() for key in unit.keys])
         assert int(chosen.sum()) == round_half_up(k * magnitude.numel())
         assert magnitude[chosen].min() >= magnitude[~chosen].max()
+
+
+def test_stage2_ranks_the_top_k_within_each_tensor_not_across_a_units_tensors(suite, expert):
+    """Tensors of unlike scale share a unit (a norm's γ beside a projection): with the paper's k each of
+    them loses its own top-k |τ'|, so the large-τ' tensor is not reset to θ_pre wholesale."""
+    base = suite.pretrained()
+    theta = dict(expert.body)
+    for i in range(LAYERS):  # norm affine weights with a τ' far above the projections'
+        for key in (f"blocks.{i}.norm.weight", f"blocks.{i}.norm.bias"):
+            theta[key] = base[key] + 50.0 * (expert.body[key] - base[key]) + 0.5
+    _, masks, _ = adversarial_weight_negation(theta, expert.head, context(suite), NegationParams(heldout_samples=64))
+    assert masks
+    for key, mask in masks.items():
+        tv = (theta[key] - base[key]).abs()
+        assert int(mask.sum()) == round_half_up(0.1 * mask.numel()), key
+        if mask.any() and not mask.all():
+            assert float(tv[mask].min()) >= float(tv[~mask].max()), key
+
+
+def test_stage2_measures_each_units_drop_with_re_estimated_batchnorm_statistics(bn_suite, bn_expert, monkeypatch):
+    """A masked unit's drop is measured after re-estimating the statistics, as the released model is repaired."""
+    calls = []
+    recalibrate = bn_suite.recalibrate
+    monkeypatch.setattr(
+        bn_suite,
+        "recalibrate",
+        lambda model, task, *, seed=0: calls.append(task) or recalibrate(model, task, seed=seed),
+    )
+    p = NegationParams(heldout_samples=128)
+    _, _, notes = adversarial_weight_negation(bn_expert.body, bn_expert.head, context(bn_suite), p)
+    units = len(notes["unit_drops"])
+    assert len(calls) == units + 2  # θ', every masked unit, and the released body
+    base = bn_suite.pretrained()
+    batches = list(bn_suite.batches("a", "train", batch_size=32, limit=128, shuffle=True, seed=0))
+
+    def accuracy(body: StateDict) -> float:
+        model = bn_suite.task_model(body, bn_expert.head, "a")
+        recalibrate(model, "a", seed=0)
+        return heldout_accuracy(model, batches)
+
+    masked = {**bn_expert.body, "embed.weight": base["embed.weight"], "embed.bias": base["embed.bias"]}
+    assert notes["unit_drops"]["embed"] == pytest.approx(accuracy(bn_expert.body) - accuracy(masked))
 
 
 def test_top_fraction_mask_breaks_ties_by_position_and_keeps_the_count_exact():
@@ -371,11 +414,11 @@ def test_stage2_without_batchnorm_recalibrates_nothing(suite, expert):
 # ---------------------------------------------------------------- stage 1
 
 
-def test_layerwise_l2_value_and_gradient_match_the_formula():
+def test_theta_l2sq_value_and_gradient_match_the_formula():
     arch = TinyMLPFamily().arch_map()
     model = TaskModel(Body(), nn.Linear(WIDTH, CLASSES))
     alpha = 0.01
-    penalty = LayerwiseL2(alpha, arch)(model)
+    penalty = LayerwiseL2(alpha, arch, "theta_l2sq")(model)
     body_params = dict(model.body.named_parameters())
     expected = alpha * sum(float(p.detach().double().pow(2).sum()) for p in body_params.values())
     assert float(penalty.detach()) == pytest.approx(expected, rel=1e-5)
@@ -384,6 +427,47 @@ def test_layerwise_l2_value_and_gradient_match_the_formula():
         # d/dθ α Σ_ℓ ||θ^(ℓ)||² = 2αθ: pulled toward zero, not toward θ_pre (Eq. 2)
         assert torch.allclose(p.grad, 2 * alpha * p.detach(), atol=1e-7), name
     assert model.head.weight.grad is None  # the task head is not part of the penalty
+
+
+def test_default_stage1_penalty_pulls_every_layer_with_the_same_strength(suite, expert):
+    """"Applied layer-wise so that each layer is regularized independently" (§5): the default term is
+    α Σ_ℓ ||θ^(ℓ)||₂, whose gradient has norm α in every layer, large or small; a squared sum would
+    give 2αθ, a pull that grows with the layer's weights."""
+    defense = defenses.get("mergeguard-stage1")(parse_params(defenses.get("mergeguard-stage1").Params, {"steps": "2"}))
+    defense.protect(expert, context(suite, seed=11))
+    regularizer = suite.finetune_calls[-1]["regularizer"]
+    model = TaskModel(Body(), nn.Linear(WIDTH, CLASSES))
+    with torch.no_grad():
+        model.body.blocks[0].up.weight.mul_(30.0)  # one layer far larger than the others
+    regularizer(model).backward()
+    grads = {}
+    for name, p in model.body.named_parameters():
+        layer = ".".join(name.split(".")[:2]) if name.startswith("blocks.") else name.split(".")[0]
+        grads[layer] = grads.get(layer, 0.0) + float(p.grad.pow(2).sum())
+    assert len(grads) == LAYERS + 2
+    for layer, squared in grads.items():
+        assert math.sqrt(squared) == pytest.approx(0.01, rel=1e-4), layer
+
+
+@pytest.mark.parametrize("penalty", ["theta_l2sq", "layer_l2", "layer_mean_l2sq", "tau_l2sq"])
+def test_layerwise_l2_readings_match_their_formulas(penalty):
+    arch = TinyMLPFamily().arch_map()
+    body = Body()
+    anchor = {k: v.detach() + 0.1 for k, v in body.state_dict().items()}
+    params = dict(body.named_parameters())
+    groups: dict[str, list[torch.Tensor]] = {}
+    for name, p in params.items():
+        x = p.detach().double() - (anchor[name].double() if penalty == "tau_l2sq" else 0.0)
+        layer = name.split(".")[0] + (f".{name.split('.')[1]}" if name.startswith("blocks.") else "")
+        groups.setdefault(layer, []).append(x)
+    expected = 0.0
+    for tensors in groups.values():
+        squared = sum(float(t.pow(2).sum()) for t in tensors)
+        n = sum(t.numel() for t in tensors)
+        readings = {"theta_l2sq": squared, "layer_l2": math.sqrt(squared), "layer_mean_l2sq": squared / n}
+        expected += readings.get(penalty, squared)
+    assert len(groups) == LAYERS + 2  # one group per block, the embedding, the final norm
+    assert float(layerwise_l2(body, arch, penalty, anchor).detach()) == pytest.approx(expected, rel=1e-5)
 
 
 def test_stage1_refinetunes_the_expert_with_the_regulariser_and_releases_its_head(suite, expert):
@@ -453,7 +537,16 @@ def test_stage2_ablation_works_on_the_unregularised_expert(suite, expert):
 
 
 @pytest.mark.parametrize(
-    "bad", [{"k_layers": "1.5"}, {"k_params": "-0.1"}, {"beta": "0"}, {"heldout_samples": "0"}, {"alpha": "-1"}]
+    "bad",
+    [
+        {"k_layers": "1.5"},
+        {"k_params": "-0.1"},
+        {"beta": "0"},
+        {"heldout_samples": "0"},
+        {"alpha": "-1"},
+        {"penalty": "l1"},
+        {"mask_scope": "model"},
+    ],
 )
 def test_invalid_params_raise_a_param_error(bad):
     with pytest.raises(ParamError):
@@ -462,7 +555,8 @@ def test_invalid_params_raise_a_param_error(bad):
 
 def test_the_three_variants_are_registered_with_their_params():
     assert defenses.get("mergeguard").Params is MergeGuardParams
-    assert {f.name for f in dataclasses.fields(defenses.get("mergeguard-stage1").Params)} == {"alpha", "steps"}
+    stage1_fields = {f.name for f in dataclasses.fields(defenses.get("mergeguard-stage1").Params)}
+    assert stage1_fields == {"alpha", "steps", "penalty"}
     assert "alpha" not in {f.name for f in dataclasses.fields(defenses.get("mergeguard-stage2").Params)}
     assert MergeGuardParams().alpha == 0.01 and MergeGuardParams().beta == 1.0
     assert math.isclose(MergeGuardParams().k_layers, 0.1) and math.isclose(MergeGuardParams().k_params, 0.1)

@@ -18,7 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scored_cells import metric, record
 
+from bench.plan import counterpart_spec
 from bench.registry import attacks, defenses, merges
 from bench.store import CellRecord, Metric, Store
 from leaderboard.export import ExportError, entry_path, export, load_export, slug, validate
@@ -27,53 +29,53 @@ from leaderboard.site import build_site, make_server, methods_view, paper_url, p
 EVIL = "<script>alert(1)</script>"
 STANDARD = ["none", "align"]
 T0 = 1_763_800_000.0
-# merged victim metric per defense (θ_pre 0.5, unprotected merge 0.8) and utility of its artifact:
-# security = 1 - (merged_with_align - 0.5) / 0.3
+# merged victim metric per defense (counterfactual floor 0.6, unprotected merge 0.8) and utility of its
+# artifact: security = 1 - (merged_with_align - 0.6) / 0.2, clipped
 DEFENSES = {"params": (0.56, 0.88), "mergelock": (0.65, 0.9), EVIL: (0.77, 0.89), "wrecker": (0.5, 0.4)}
 EXPECTED_ORDER = ["params", "mergelock", EVIL, "none", "wrecker"]  # by security; wrecker is under the floor
+PROVENANCE = {"timings": {"protect": 4.0, "prepare": 2.0, "finish": 0.5, "merge": 1.0}, "peak_rss_mb": 512.0,
+              "flags": {"function_preservation": {"claimed": True, "max_abs_diff": 0.0, "ok": True}}}
 
 
-def _cell(n: int, *, suite: str, defense: str, attack: str, merge: str, seed: int, partners: tuple[str, ...],
-          merged: float, utility: float, partner_merged: float) -> CellRecord:
-    return CellRecord(
-        cell_id=f"c{n:04d}", kind="merge", suite=suite, victim="v", partners=partners, defense=defense,
-        attack=attack, merge=merge, seed=seed, status="ok",
-        spec={"defense": {"name": defense, "version": "1", "params": {"strength": 0.5}},
-              "attack": {"name": attack, "version": "1", "params": {}},
-              "merge": {"name": merge, "version": "1", "params": {"lambda_": 0.3}}},
-        provenance={"timings": {"protect": 4.0, "prepare": 2.0, "finish": 0.5, "merge": 1.0},
-                    "peak_rss_mb": 512.0, "hashes": {"artifact": f"sha256:{n:064x}"},
-                    "flags": {"function_preservation": {"claimed": True, "max_abs_diff": 0.0, "ok": True}}},
-        metrics=(Metric("merged", "v", "accuracy", merged), Metric("merged", partners[0], "accuracy", partner_merged),
-                 Metric("utility", "v", "accuracy", utility)),
-        run_id="run-1", created=T0 + n,
-    )
+def _spec(kind: str, suite: str, seed: int, partners: tuple[str, ...], **plugins) -> dict:
+    spec = {"kind": kind, "suite": suite, "recipe_hash": "r1", "victim": "v", "partners": list(partners), "seed": seed,
+            "defense": None, "attack": None, "merge": None}
+    for key, value in plugins.items():
+        spec[key] = value
+    return spec
+
+
+def _plugin(name: str, **params) -> dict:
+    return {"name": name, "version": "1", "params": params}
 
 
 def make_records() -> list[CellRecord]:
-    out, n = [], 0
+    out: list[CellRecord] = []
+
+    def add(spec: dict, metrics: list[Metric], provenance: dict) -> None:
+        n = len(out) + 1
+        prov = {**provenance, "hashes": {"artifact": f"sha256:{n:064x}"}}
+        out.append(record(spec, metrics, provenance=prov, created=T0 + n, run_id="run-1"))
+
     for suite, shift in (("alpha", 0.0), ("beta", 0.01)):
         for seed in (0, 1):
-            n += 1
-            out.append(CellRecord(
-                cell_id=f"c{n:04d}", kind="baseline", suite=suite, victim="v", partners=(), defense="none",
-                attack="none", merge="", seed=seed, status="ok", spec={"suite": suite},
-                provenance={"hashes": {"pretrained": "sha256:" + "a" * 64}},
-                metrics=(Metric("expert", "v", "accuracy", 0.9), Metric("pretrained", "v", "accuracy", 0.5)),
-                run_id="run-1", created=T0 + n,
-            ))
+            add(_spec("baseline", suite, seed, ("p", "q")), [metric("expert", "v", 0.9), metric("pretrained", "v", 0.5)],
+                {"hashes": {}})
+            for defense, (_merged, utility) in DEFENSES.items():
+                add(_spec("utility", suite, seed, ("p", "q"), defense=_plugin(defense, strength=0.5)),
+                    [metric("utility", "v", utility)], PROVENANCE)
             for partners in (("p",), ("q",)):
                 jitter = shift + 0.01 * seed + (0.005 if partners == ("q",) else 0.0)
                 for merge in ("ta", "ties"):
-                    n += 1
-                    out.append(_cell(n, suite=suite, defense="none", attack="none", merge=merge, seed=seed,
-                                     partners=partners, merged=0.8, utility=0.9, partner_merged=0.7))
-                    for defense, (merged, utility) in DEFENSES.items():
-                        for attack, bonus in (("none", -0.04), ("align", 0.0)):
-                            n += 1
-                            out.append(_cell(n, suite=suite, defense=defense, attack=attack, merge=merge, seed=seed,
-                                             partners=partners, merged=merged + bonus + jitter, utility=utility,
-                                             partner_merged=0.66))
+                    for attack, bonus in (("none", -0.04), ("align", 0.0)):
+                        base = _spec("merge", suite, seed, partners, attack=_plugin(attack),
+                                     merge=_plugin(merge, lambda_=0.3), filling="unprotected")
+                        add(base, [metric("merged", "v", 0.8), metric("merged", partners[0], 0.7)], PROVENANCE)
+                        add(counterpart_spec(base, "counterfactual"), [metric("merged", "v", 0.6)], PROVENANCE)
+                        for defense, (merged, utility) in DEFENSES.items():
+                            spec = {**base, "defense": _plugin(defense, strength=0.5), "filling": "protected"}
+                            add(spec, [metric("merged", "v", merged + bonus + jitter), metric("merged", partners[0], 0.66),
+                                       metric("utility", "v", utility)], PROVENANCE)
     return out
 
 
@@ -111,9 +113,15 @@ def test_export_writes_one_schema_valid_entry_per_suite_and_defense(store_path: 
     params = next(e for e in entries if e["suite"] == "alpha" and e["defense"] == "params")
     s = params["summary"]
     assert type(s["utility"]) is float and type(s["security"]) is float
-    assert s["security"] == pytest.approx(1 - (0.56 + 0.0075 - 0.5) / 0.3, abs=1e-6)
+    assert s["security"] == 1.0  # its merges stay below the counterfactual floor: nothing recovered
     assert all(type(x) is float for x in s["security_ci"])
-    assert s["rank"] == 1 and s["best_attack"] == "align"
+    assert s["rank"] == 1 and s["uninformative_victims"] == []
+    lock = next(e for e in entries if e["suite"] == "alpha" and e["defense"] == "mergelock")["summary"]
+    # align/ta recovers (0.65 + 0.0075 − 0.6) / 0.2 on all examples; the held-out half is close to it
+    assert lock["security"] == pytest.approx(1 - 0.0575 / 0.2, abs=0.05) and lock["best_attack"] == "align"
+    pair = next(p for p in params["victims"][0]["recovered"] if (p["attack"], p["merge"]) == ("align", "ta"))
+    assert pair["v_counterfactual"] == pytest.approx(0.6) and pair["v_unprotected"] == pytest.approx(0.8)
+    assert pair["gain"] == pytest.approx(0.2) and pair["informative"] is True and pair["gain_ci"][0] > 0
 
 
 def test_export_keeps_the_provenance_of_every_number(store_path: Path, tmp_path: Path):
@@ -123,9 +131,12 @@ def test_export_keeps_the_provenance_of_every_number(store_path: Path, tmp_path:
     cells = {c["cell_id"]: c for c in e["cells"]}
     victim = e["victims"][0]
     assert victim["cells"] and set(victim["cells"]) <= set(cells)
-    kinds = {(cells[i]["kind"], cells[i]["defense"]) for i in victim["cells"]}
-    assert kinds == {("baseline", "none"), ("merge", "none"), ("merge", "mergelock")}  # own, reference, baseline
-    own = next(c for c in cells.values() if c["defense"] == "mergelock")
+    kinds = {(cells[i]["kind"], cells[i]["filling"], cells[i]["defense"]) for i in victim["cells"]}
+    assert kinds == {("baseline", "protected", "-"), ("utility", "protected", "mergelock"),
+                     ("merge", "protected", "mergelock"), ("merge", "unprotected", "none"),
+                     ("merge", "counterfactual", "counterfactual")}  # own, both references, baseline, utility
+    assert all(m["examples"].startswith("bits:") for c in cells.values() for m in c["metrics"])
+    own = next(c for c in cells.values() if c["defense"] == "mergelock" and c["kind"] == "merge")
     assert own["provenance"]["hashes"]["artifact"].startswith("sha256:")
     assert own["spec"]["defense"]["params"] == {"strength": 0.5}
     assert e["specs"]["defense"] == [{"name": "mergelock", "params": {"strength": 0.5}, "version": "1"}]
@@ -182,7 +193,7 @@ def test_csv_downloads_hold_every_row(store_path: Path, tmp_path: Path):
     wrecker = next(r for r in rows if r["group"] == "alpha" and r["defense"] == "wrecker")
     assert wrecker["rank"] == "" and "utility_below_floor" in wrecker["flags"]
     recovered = list(csv.DictReader((tmp_path / "recovered.csv").open()))
-    assert len(recovered) == 2 * 5 * 2 * 2 - 2 * 2  # suites x defenses x attacks x merges; none has one attack
+    assert len(recovered) == 2 * 5 * 2 * 2  # suites x defenses (none too) x attacks x merges
     assert {float(r["recovered"]) for r in recovered if r["defense"] == "none"} == {1.0}
 
 
@@ -248,15 +259,18 @@ def test_defense_page_shows_heatmap_breaker_and_exact_params(site: Path):
     html = (site / "defense" / "mergelock.html").read_text()
     assert html.count('class="heatmap"') == 2  # one per suite
     assert "&#34;strength&#34;: 0.5" in html  # the defense's params, escaped like any text
-    # alpha: merged 0.65 + mean jitter 0.0075 over replicates -> (0.6575 - 0.5) / 0.3 = 0.525
-    assert 'href="../attack/align.html"' in html and "recovers 0.525" in html
+    # alpha: merged 0.65 + mean jitter 0.0075 over replicates -> (0.6575 - 0.6) / 0.2 = 0.2875 on all
+    # examples; the held-out half of the nested outcomes gives a value close to it
+    assert 'href="../attack/align.html"' in html and re.search(r"recovers 0\.(2[5-9]|3[0-3])\d", html)
+    assert "V<sub>∅</sub>" in html and "0.600" in html  # the absolute values next to the ratio
 
 
 def test_attack_page_lists_the_defenses_it_breaks(site: Path):
     html = (site / "attack" / "align.html").read_text()
     parser_rows = re.findall(r'<tr data-defense="([^"]*)" class="(breaks|holds)"', html)
     breaks = {d for d, c in parser_rows if c == "breaks"}
-    assert "mergelock" in breaks and "params" not in breaks  # 0.5 recovered vs 0.2
+    # 0.85 recovered vs 0.29 vs 0 (names are HTML-escaped in the attribute)
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in breaks and "mergelock" not in breaks and "params" not in breaks
 
 
 def test_methods_page_lists_every_registered_plugin(site: Path):
@@ -489,18 +503,21 @@ def test_runner_results_export_and_render(toy_suite, tmp_path: Path):
     _, entries = load_export(tmp_path / "export")
     entry = next(e for e in entries if e["defense"] == "toy-scale")
     cells = {(c["kind"], c["defense"]): c for c in entry["cells"]}
-    assert set(cells) == {("baseline", "-"), ("merge", "none"), ("merge", "toy-scale")}
+    assert set(cells) == {("baseline", "-"), ("utility", "toy-scale"), ("merge", "none"), ("merge", "counterfactual"),
+                          ("merge", "toy-scale")}
 
     def metric(c: dict, role: str, task: str = "t10") -> float:
         return next(m["value"] for m in c["metrics"] if (m["role"], m["task"], m["metric"]) == (role, task, "accuracy"))
 
-    pre, ft = metric(cells[("baseline", "-")], "pretrained"), metric(cells[("baseline", "-")], "expert")
+    ft = metric(cells[("baseline", "-")], "expert")
     protected, unprotected = metric(cells[("merge", "toy-scale")], "merged"), metric(cells[("merge", "none")], "merged")
+    floor = metric(cells[("merge", "counterfactual")], "merged")
     (pair,) = entry["victims"][0]["recovered"]
-    if unprotected - pre <= 0:
-        assert pair["recovered"] is None and "nothing beyond" in pair["na_reason"]
+    assert (pair["v_protected"], pair["v_unprotected"], pair["v_counterfactual"]) == pytest.approx((protected, unprotected, floor), abs=1e-5)
+    if not pair["informative"]:
+        assert pair["recovered"] is None and "uninformative" in pair["na_reason"]
     else:
-        expected = min(1.0, max(0.0, (protected - pre) / (unprotected - pre)))
+        expected = min(1.0, max(0.0, (protected - floor) / (unprotected - floor)))
         assert pair["recovered"] == pytest.approx(expected, abs=1e-6)
     assert entry["victims"][0]["utility"] == pytest.approx(metric(cells[("merge", "toy-scale")], "utility") / ft, abs=1e-6)
     assert cells[("merge", "toy-scale")]["provenance"]["hashes"]["artifact"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from bench.plan import counterpart_spec, spec_id
 from bench.registry import suites
 from bench.reproduce import gate_key
 from bench.store import CellRecord, Metric, Store
@@ -19,13 +20,17 @@ def _cells(suite: str) -> list[CellRecord]:
     base = CellRecord(cell_id=f"{suite}-b", kind="baseline", suite=suite, victim="v", partners=("p",), defense="-",
                       attack="-", merge="-", seed=0, status="ok",
                       metrics=(Metric("pretrained", "v", "accuracy", 0.5), Metric("expert", "v", "accuracy", 0.9)))
-    merge = CellRecord(cell_id=f"{suite}-m", kind="merge", suite=suite, victim="v", partners=("p",), defense="none",
-                       attack="none", merge="ta", seed=0, status="ok",
-                       spec={"defense": {"name": "none", "params": {}}, "attack": {"name": "none", "params": {}},
-                             "merge": {"name": "ta", "params": {}}},
-                       metrics=(Metric("utility", "v", "accuracy", 0.9), Metric("merged", "v", "accuracy", 0.8),
-                                Metric("merged", "p", "accuracy", 0.7)))
-    return [base, merge]
+    spec = {"kind": "merge", "suite": suite, "recipe_hash": "r", "victim": "v", "partners": ["p"], "seed": 0,
+            "defense": None, "attack": {"name": "none", "params": {}}, "merge": {"name": "ta", "params": {}},
+            "filling": "unprotected"}
+    merge = CellRecord(cell_id=spec_id(spec), kind="merge", suite=suite, victim="v", partners=("p",), defense="none",
+                       attack="none", merge="ta", seed=0, status="ok", spec=spec, filling="unprotected",
+                       metrics=(Metric("merged", "v", "accuracy", 0.8), Metric("merged", "p", "accuracy", 0.7)))
+    floor_spec = counterpart_spec(spec, "counterfactual")
+    floor = CellRecord(cell_id=spec_id(floor_spec), kind="merge", suite=suite, victim="v", partners=("p",),
+                       defense="counterfactual", attack="none", merge="ta", seed=0, status="ok", spec=floor_spec,
+                       filling="counterfactual", metrics=(Metric("merged", "v", "accuracy", 0.6),))
+    return [base, merge, floor]
 
 
 def test_gated_suite_is_withheld_until_its_gate_passes(tmp_path) -> None:

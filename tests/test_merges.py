@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Iterator
 
@@ -12,16 +13,18 @@ from torch import nn
 from bench.families.base import ArchitectureMap, LayerMap
 from bench.families.family import Family
 from bench.merging import MergeContext
-from bench.params import ParamError
+from bench.outofcore import TopMagnitude, merged_tensor, top_magnitude
+from bench.params import ParamError, params_dict
 from bench.plugins import seeded_generator
 from bench.registry import merges
 from bench.suite import Batch, Expert, Suite
 from bench.weights import CheckpointError, StateDict
 from merges.adamerging import coefficient_groups, learn_coefficients, prediction_entropy
 from merges.dare import drop_and_rescale
+from merges.ties import ties_merge_global
 
 T = torch.tensor
-TENSORWISE = ["wa", "ta", "ties", "dare-ta", "dare-ties"]
+TENSORWISE = ["wa", "ta", "ties", "dare-ta", "dare-ties", "dare-ties-mergelm"]
 
 
 def merge(name: str, base: StateDict, experts: list[StateDict], seed: int = 0, **params: object) -> StateDict:
@@ -43,7 +46,7 @@ def test_every_method_is_registered_under_its_name():
 
 def test_params_parse_from_strings():
     assert merges.get("ta").parse({"lambda_": "0.5"}).lambda_ == 0.5
-    p = merges.get("dare-ties").parse({"p": "0.25", "k": "0.5", "aggregate": "sum", "rescale": "false"})
+    p = merges.get("dare-ties-mergelm").parse({"p": "0.25", "k": "0.5", "aggregate": "sum", "rescale": "false"})
     assert (p.p, p.k, p.aggregate, p.rescale) == (0.25, 0.5, "sum", False)
     assert merges.get("adamerging-layer").parse({"steps": "7", "granularity": "block"}).steps == 7
 
@@ -159,6 +162,127 @@ def test_ties_global_zero_sign_majority_spans_tensors():
     assert torch.equal(method.merge(base, experts, method.parse({"k": "1.0"}))["a"], T([2.0]))
 
 
+# ---------------------------------------------------------------- exact thresholds and ties-global
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_magnitude_is_the_kthvalue_of_the_concatenated_magnitudes(seed):
+    # Many exact ties (values on a coarse grid), zeros, tiny and huge values; fed in uneven pieces, twice.
+    g = torch.Generator().manual_seed(seed)
+    values = torch.cat([torch.randint(0, 50, (3000,), generator=g).float() / 8, torch.zeros(500),
+                        torch.rand(400, generator=g) * 1e-30, torch.rand(100, generator=g) * 1e30])
+    values = values[torch.randperm(values.numel(), generator=g)]
+    pieces = torch.split(values, [1, 999, 2000, 999, 0, 1])
+    for keep in (1, 2, 17, 800, 2000, values.numel() - 1, values.numel()):
+        select = TopMagnitude(keep)
+        for pass_index in range(2):
+            if pass_index:
+                select.next_pass()
+            for piece in pieces:
+                select.add(piece)
+        assert torch.equal(select.value, values.kthvalue(values.numel() - keep + 1).values)
+        assert torch.equal(top_magnitude(values, keep), select.value)
+
+
+def flattened_ties_reference(base: StateDict, experts: list[StateDict], k: float, aggregate: str) -> StateDict:
+    """The original algorithm (ties_merging_utils): flatten each τ over the model, topk mask, sign majority, disjoint merge."""
+    keys = [n for n in base if base[n].is_floating_point()]
+    flat = torch.stack([torch.cat([(e[n] - base[n]).reshape(-1) for n in keys]) for e in experts])
+    keep = max(1, int(flat.shape[1] * k))
+    thresholds = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= thresholds)
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    agrees = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * agrees
+    if aggregate == "mean":
+        merged = selected.sum(dim=0) / (selected != 0).sum(dim=0).clamp(min=1)
+    elif aggregate == "sum":
+        merged = selected.sum(dim=0)
+    else:
+        merged = selected.abs().amax(dim=0) * sign
+    out, offset = dict(base), 0
+    for n in keys:
+        out[n] = base[n] + merged[offset:offset + base[n].numel()].reshape(base[n].shape)
+        offset += base[n].numel()
+    return out
+
+
+def random_model(seed: int, n_experts: int, integer: bool = False) -> tuple[StateDict, list[StateDict]]:
+    """θ_pre and experts over tensors of several shapes; ``integer`` task vectors tie and cancel exactly."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"embed": (97, 6), "layer.w": (12, 12), "layer.b": (12,), "scale": (), "row": (1, 9)}
+    base = {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+    base["count"] = T([3])
+    experts = []
+    for _ in range(n_experts):
+        e = {n: v + (torch.randint(-3, 4, v.shape, generator=g).float() if integer else torch.randn(v.shape, generator=g))
+             for n, v in base.items() if v.is_floating_point()}
+        experts.append({**e, "count": T([9])})
+    if integer:  # integer τ: make θ_pre integer too, so τ is exact and sums to 0 exactly
+        base = {n: v.round() if v.is_floating_point() else v for n, v in base.items()}
+        experts = [{n: v.round() if v.is_floating_point() else v for n, v in e.items()} for e in experts]
+    return base, experts
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "sum", "max"])
+@pytest.mark.parametrize("k", [0.05, 0.2, 0.5, 1.0])
+@pytest.mark.parametrize("integer", [False, True])
+def test_ties_global_matches_a_flattened_reference_merge(aggregate, k, integer):
+    base, experts = random_model(3, 3, integer)
+    expected = flattened_ties_reference(base, experts, k, aggregate)
+    for block_elements in (10**9, 7):  # whole tensors, and row blocks of at most 7 entries
+        got = ties_merge_global(base, experts, k=k, lambda_=1.0, aggregate=aggregate, block_elements=block_elements)
+        assert set(got) == set(base)
+        for n in base:
+            assert torch.allclose(got[n], expected[n], atol=1e-6), n
+
+
+def test_ties_global_keeps_the_exact_top_k_of_each_task_vector():
+    base, experts = random_model(4, 1)
+    numel = sum(v.numel() for v in base.values() if v.is_floating_point())
+    for k in (0.01, 0.2, 0.7):
+        out = ties_merge_global(base, experts, k=k, lambda_=1.0, aggregate="sum", block_elements=5)
+        kept = sum(int((out[n] != base[n]).sum()) for n in base if base[n].is_floating_point())
+        assert kept == max(1, int(numel * k))  # continuous values: no tie at the threshold
+
+
+def test_ties_global_merges_again_when_the_guessed_majority_sign_was_wrong():
+    # Entry "a" sums to exactly 0; the whole-model majority is − (tensor "b"), so "a" keeps the negative value.
+    # The merge pass guesses +, sees "a" is ambiguous and the tally negative, and merges once more.
+    base = {"a": torch.zeros(1), "b": torch.zeros(5)}
+    experts = [{"a": T([2.0]), "b": -torch.ones(5)}, {"a": T([-2.0]), "b": -torch.ones(5)}]
+    for block_elements in (1, 100):
+        out = ties_merge_global(base, experts, k=1.0, lambda_=1.0, aggregate="mean", block_elements=block_elements)
+        assert torch.equal(out["a"], T([-2.0])) and torch.equal(out["b"], -torch.ones(5))
+
+
+@pytest.mark.parametrize("name", TENSORWISE)
+@pytest.mark.parametrize("integer", [False, True])
+def test_row_blocks_give_the_same_merge_bit_for_bit(name, integer):
+    # A tensor merged in row blocks (thresholds and majority over the whole tensor, DARE masks at their
+    # place in the stream) is the tensor merged whole, to the bit (a zero may differ in sign: adding +0
+    # makes every zero +0); integer τ exercise ties and zero sums.
+    base, experts = random_model(5, 3, integer)
+    method = merges.get(name)
+    params = params_dict(method.parse({"k": "0.3"} if "k" in {f.name for f in dataclasses.fields(method.Params)} else {}))
+    for n in base:
+        whole = merged_tensor(method, base, experts, params, n, seed=2, block_elements=10**9)
+        for block_elements in (1, 7, 40):
+            blocked = merged_tensor(method, base, experts, params, n, seed=2, block_elements=block_elements)
+            assert whole.dtype == blocked.dtype and torch.equal((whole + 0.0).view(-1).view(torch.uint8),
+                                                                 (blocked + 0.0).view(-1).view(torch.uint8)), (n, block_elements)
+
+
+def test_ties_trims_per_tensor_with_the_exact_threshold_in_row_blocks():
+    # 1000 distinct magnitudes in one tensor merged 7 entries at a time: exactly the top 100 survive.
+    tau = torch.randperm(1000).float().add_(1).mul_(torch.where(torch.rand(1000) < 0.5, -1.0, 1.0)).reshape(100, 10)
+    method = merges.get("ties")
+    out = merged_tensor(method, {"w": torch.zeros(100, 10)}, [{"w": tau}], params_dict(method.parse({"k": "0.1"})), "w",
+                        block_elements=7)
+    assert int((out != 0).sum()) == 100 and float(out.abs()[out != 0].min()) == 901.0
+
+
 # ---------------------------------------------------------------- DARE
 
 
@@ -212,21 +336,71 @@ def test_dare_depends_on_seed_not_on_tensor_order():
     assert not torch.equal(forward["a"], other["a"])
 
 
-def test_dare_ties_is_ties_of_the_sparsified_experts():
+def test_dare_ties_mergelm_is_ties_of_the_sparsified_experts():
     torch.manual_seed(2)
     base = torch.randn(8)
     taus = [torch.randn(8) for _ in range(3)]
     experts = [{"w": base + t} for t in taus]
-    out = merge("dare-ties", {"w": base}, experts, seed=4, p=0.5, k=0.5)["w"]
-    masks = expected_dare_masks(4, "dare-ties", "w", (8,), 3, 0.5)
+    out = merge("dare-ties-mergelm", {"w": base}, experts, seed=4, p=0.5, k=0.5)["w"]
+    masks = expected_dare_masks(4, "dare-ties-mergelm", "w", (8,), 3, 0.5)
     sparsified = [{"w": base + t * m / 0.5} for t, m in zip(taus, masks)]
     assert torch.allclose(out, merge("ties", {"w": base}, sparsified, k=0.5)["w"], atol=1e-6)
 
 
+def test_dare_ties_is_sign_election_and_disjoint_sum_of_the_sparsified_experts_without_a_trim():
+    # mergekit's dare_ties: no magnitude trim (k would be 1), disjoint sum, λ = 1.
+    torch.manual_seed(2)
+    base = torch.randn(8)
+    taus = [torch.randn(8) for _ in range(3)]
+    experts = [{"w": base + t} for t in taus]
+    out = merge("dare-ties", {"w": base}, experts, seed=4, p=0.5)["w"]
+    masks = expected_dare_masks(4, "dare-ties", "w", (8,), 3, 0.5)
+    sparsified = [{"w": base + t * m / 0.5} for t, m in zip(taus, masks)]
+    assert torch.allclose(out, merge("ties", {"w": base}, sparsified, k=1.0, aggregate="sum")["w"], atol=1e-6)
+    assert "k" not in {f.name for f in dataclasses.fields(merges.get("dare-ties").Params)}
+
+
+def test_dare_ties_adds_the_agreeing_values():
+    # p = 0 drops nothing. Entry 0: 1 + 3 - 1 = 3 > 0, agreeing 1 and 3 sum to 4; entry 1: 2 - 1 - 4 < 0: -1 - 4 = -5.
+    # The MergeLM composition (trim to 20 %, disjoint mean) gives [3, -4] here.
+    base = torch.zeros(2)
+    experts = [{"w": e} for e in with_task_vectors(base, [[1.0, 2.0], [3.0, -1.0], [-1.0, -4.0]])]
+    assert torch.equal(merge("dare-ties", {"w": base}, experts, p=0.0)["w"], T([4.0, -5.0]))
+    assert torch.equal(merge("dare-ties-mergelm", {"w": base}, experts, p=0.0, k=0.5)["w"], T([3.0, -4.0]))
+
+
+@pytest.mark.parametrize(("p", "k", "kept"), [(0.9, 0.2, 0.1), (0.5, 0.2, 0.2), (0.5, 1.0, 0.5)])
+def test_dare_ties_mergelm_trims_the_sparsified_vector_dropped_zeros_included(p, k, kept):
+    # The trim ranks all entries, DARE's zeros among them (MergeLM's mask_smallest_magnitude_param_values):
+    # at p = 0.9 the top 20 % includes every survivor, so 10 % of the entries remain, not 0.1 x 0.2 = 2 %.
+    base = torch.zeros(20000)
+    expert = {"w": torch.randn(20000, generator=torch.Generator().manual_seed(0))}
+    out = merge("dare-ties-mergelm", {"w": base}, [expert], seed=1, p=p, k=k)["w"]
+    assert abs(float((out != 0).float().mean()) - kept) < 0.01
+
+
+def test_dare_ties_keeps_about_one_minus_p_of_each_expert():
+    # No second trim: at p = 0.5 half of the entries survive (the MergeLM composition trims them to k = 20 %).
+    base = torch.zeros(20000)
+    expert = {"w": torch.randn(20000, generator=torch.Generator().manual_seed(0))}
+    out = merge("dare-ties", {"w": base}, [expert], seed=1, p=0.5)["w"]
+    assert abs(float((out != 0).float().mean()) - 0.5) < 0.02
+    mergelm = merge("dare-ties-mergelm", {"w": base}, [expert], seed=1, p=0.5)["w"]
+    assert abs(float((mergelm != 0).float().mean()) - 0.2) < 0.01
+
+
+def test_dare_ties_says_which_reference_it_follows():
+    assert "mergekit" in merges.get("dare-ties").describe()["summary"]
+    assert "MergeLM" in merges.get("dare-ties-mergelm").describe()["summary"]
+    assert merges.get("dare-ties").version == "2"
+
+
 def test_dare_with_zero_drop_rate_equals_the_plain_merge():
     experts = [{"w": e} for e in with_task_vectors(TIES_BASE, TIES_TAUS)]
-    assert torch.equal(merge("dare-ties", {"w": TIES_BASE}, experts, p=0.0, k=0.5)["w"],
+    assert torch.equal(merge("dare-ties-mergelm", {"w": TIES_BASE}, experts, p=0.0, k=0.5)["w"],
                        merge("ties", {"w": TIES_BASE}, experts, k=0.5)["w"])
+    assert torch.equal(merge("dare-ties", {"w": TIES_BASE}, experts, p=0.0)["w"],
+                       merge("ties", {"w": TIES_BASE}, experts, k=1.0, aggregate="sum")["w"])
     assert torch.equal(merge("dare-ta", {"w": TIES_BASE}, experts, p=0.0)["w"], merge("ta", {"w": TIES_BASE}, experts)["w"])
 
 

@@ -52,9 +52,13 @@ def test_attack_over_budget_is_not_applicable(toy_suite) -> None:
         def needs(self) -> AttackNeeds:
             return AttackNeeds(labelled=1000)
 
-    reason = applicability(defenses.get("none")(), Greedy(), make_merge("ta"), frozenset({"attention", "mlp"}),
-                           AttackNeeds(labelled=256))
-    assert "needs 1000 labelled" in reason
+    reason, kind = applicability(defenses.get("none")(), Greedy(), make_merge("ta"), frozenset({"attention", "mlp"}),
+                                 AttackNeeds(labelled=256))
+    assert "needs 1000 labelled" in reason and kind == "budget"
+    # a tuned merge's labelled samples count against the same budget
+    reason, kind = applicability(defenses.get("none")(), Attack(), make_merge("ta-tuned", {"samples": "512"}),
+                                 frozenset({"attention", "mlp"}), AttackNeeds(labelled=256))
+    assert "needs 512 labelled" in reason and kind == "budget"
 
 
 def test_param_args_parse_plugin_key_values() -> None:
@@ -74,12 +78,18 @@ def test_run_then_warm_rerun_does_no_model_work(toy_suite, tmp_path) -> None:
     base = recs[("-", "baseline")]
     assert base.value("expert") > base.value("pretrained")  # the expert learned its task
     ref, prot = recs[("none", "merge")], recs[("toy-scale", "merge")]
-    assert ref.value("utility") == pytest.approx(base.value("expert"))
+    floor = recs[("counterfactual", "merge")]
+    assert (ref.filling, floor.filling, prot.filling) == ("unprotected", "counterfactual", "protected")
+    assert ref.value("utility") is None and ref.spec["defense"] is None  # the expert itself fills the slot
+    assert {m.task for m in floor.metrics} == {"t10"}  # θ_pre in the victim's slot: evaluated on the victim
+    assert floor.provenance["hashes"]["filling"] == base.provenance["hashes"]["pretrained"]
+    assert ref.provenance["hashes"]["filling"] == base.provenance["hashes"]["expert"]
+    assert all(m.examples.startswith("bits:128:") for r in (base, ref, floor, prot) for m in r.metrics)
     # the utility cell measures the artifact its merge cells merged: the same weights, the same number
     util = recs[("toy-scale", "utility")]
     assert util.provenance["hashes"]["artifact"] == prot.provenance["hashes"]["artifact"]
     assert util.value("utility") == prot.value("utility") and util.metrics[0].role == "utility"
-    for r in (ref, prot):
+    for r in (ref, floor, prot):
         assert r.provenance["hashes"]["merged"] and r.provenance["timings"]["merge"] >= 0
         assert r.spec["merge"]["params"]["lambda_"] == pytest.approx(0.3)
 
@@ -117,9 +127,11 @@ def test_false_function_preservation_claim_is_flagged(toy_suite, tmp_path) -> No
     plan = build_plan(toy_suite, defense="liar-test", merge="ta", victims=["t10"])
     with Store(tmp_path / "r.sqlite") as store:
         run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
-        flags = {r.defense: r.provenance.get("flags", {}).get("function_preservation") for r in store.cells(kind="merge")}
-    assert flags["liar-test"]["ok"] is False and flags["liar-test"]["max_abs_diff"] > 0
-    assert flags["none"]["ok"] is True and flags["none"]["max_abs_diff"] == 0.0
+        flags = {(r.kind, r.defense): r.provenance.get("flags", {}).get("function_preservation")
+                 for r in store.cells() if r.kind != "baseline"}
+    assert flags[("merge", "liar-test")]["ok"] is False and flags[("merge", "liar-test")]["max_abs_diff"] > 0
+    assert flags[("utility", "liar-test")] == flags[("merge", "liar-test")]
+    assert flags[("merge", "none")] is None  # the unprotected filling claims nothing
 
 
 def test_killed_run_resumes_without_loss_or_duplicates(plugin_site, tmp_path) -> None:
@@ -208,8 +220,9 @@ def test_the_unprotected_merge_is_computed_once_for_every_victim(toy_suite, tmp_
     with Store(tmp_path / "r.sqlite") as store:
         run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
         merge_keys = store._conn.execute("SELECT COUNT(*) FROM stages WHERE key LIKE 'merge:%'").fetchone()[0]
-        cells = store.cells(kind="merge")
-    assert len(cells) == 3 and merge_keys == 1
+        cells = store.cells(kind="merge", filling="unprotected")
+    # one unprotected merge for all three victims, and one counterfactual (θ_pre in the slot) per victim
+    assert len(cells) == 3 and merge_keys == 1 + 3
     assert len({c.provenance["hashes"]["merged"] for c in cells}) == 1
     # the same merged model is evaluated on every task, whichever task is the victim
     by_victim = {c.victim: {m.task: m.value for m in c.metrics if m.role == "merged"} for c in cells}
@@ -260,13 +273,14 @@ def test_victim_only_evaluation_is_its_own_cell_and_skips_partners(toy_suite, tm
     lean = build_plan(toy_suite, defense="toy-scale", merge="ta", victims=["t10"], evaluate="victim")
     ids = lambda plan: {c.cell_id: c for c in plan.cells}  # noqa: E731
     shared = set(ids(full)) & set(ids(lean))
-    # the reference (none/none), baseline and utility cells are the same measurement; the protected merge is not
+    # the references (unprotected, counterfactual), baseline and utility cells are the same measurement;
+    # the protected merge is not
     assert ({(c.kind, c.defense_label) for i, c in ids(lean).items() if i in shared}
-            == {("baseline", "-"), ("utility", "toy-scale"), ("merge", "none")})
+            == {("baseline", "-"), ("utility", "toy-scale"), ("merge", "none"), ("merge", "counterfactual")})
     with Store(tmp_path / "r.sqlite") as store:
         run_local(toy_suite, store, lean.cells, run_id="a", log=lambda m: None)
         merged_tasks = {r.defense: {m.task for m in r.metrics if m.role == "merged"} for r in store.cells(kind="merge")}
-    assert merged_tasks == {"none": {"t10", "t20", "t30"}, "toy-scale": {"t10"}}
+    assert merged_tasks == {"none": {"t10", "t20", "t30"}, "counterfactual": {"t10"}, "toy-scale": {"t10"}}
     with pytest.raises(ValueError, match="evaluate"):
         build_plan(toy_suite, evaluate="some")
 

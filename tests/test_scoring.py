@@ -1,339 +1,377 @@
-"""Scores on hand-built cells with answers worked out by hand."""
+"""Scores on hand-built cells with answers worked out by hand: counterfactual references matched by
+full spec, per-example intervals, the winner's-curse correction, and the ranking rules."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
+import numpy as np
 import pytest
+from scored_cells import (  # noqa: E402  (tests/ is on sys.path)
+    SUITE,
+    N,
+    baseline,
+    merge_spec,
+    outcomes,
+    pipeline,
+    record,
+    unique,
+    utility_cell,
+)
 
 from bench import scoring
-from bench.scoring import ScoringError, format_table, recovered_fraction, score, utility_ratio
+from bench.outcomes import encode
+from bench.plan import counterpart_spec, spec_id
+from bench.scoring import (
+    PairOutcomes,
+    ScoringError,
+    bootstrap_counts,
+    format_table,
+    pair_statistics,
+    recovered_fraction,
+    score,
+    select_worst_pair,
+    selection_split,
+    utility_ratio,
+)
 from bench.store import CellRecord, Metric
 
-SUITE = "toy"
 ATTACKS = ["none", "align"]
 
 
-def baseline(victim: str = "v", seed: int = 0, pre: float = 0.5, ft: float = 0.9, suite: str = SUITE,
-             metric: str = "accuracy", higher_is_better: bool = True) -> CellRecord:
-    return CellRecord(
-        cell_id=f"base:{suite}:{victim}:{seed}", kind="baseline", suite=suite, victim=victim, partners=(),
-        defense="none", attack="none", merge="", seed=seed, status="ok",
-        metrics=(Metric("pretrained", victim, metric, pre, higher_is_better),
-                 Metric("expert", victim, metric, ft, higher_is_better)),
-        created=1.0,
-    )
-
-
-def cell(defense: str, attack: str, merge: str, merged: float, *, utility: float = 0.9, victim: str = "v",
-         partners: tuple[str, ...] = ("p",), partner_merged: float | None = None, seed: int = 0,
-         suite: str = SUITE, status: str = "ok", reason: str = "", timings: dict | None = None,
-         flags: dict | None = None, created: float = 2.0, metric: str = "accuracy",
-         higher_is_better: bool = True) -> CellRecord:
-    metrics = [Metric("utility", victim, metric, utility, higher_is_better),
-               Metric("merged", victim, metric, merged, higher_is_better)]
-    if partner_merged is not None:
-        metrics += [Metric("merged", p, metric, partner_merged, higher_is_better) for p in partners]
-    prov = {"timings": timings or {}, "peak_rss_mb": 100.0}
-    if flags:
-        prov["flags"] = flags
-    return CellRecord(
-        cell_id=f"{suite}:{victim}:{','.join(partners)}:{defense}:{attack}:{merge}:{seed}:{created}", kind="merge",
-        suite=suite, victim=victim, partners=partners, defense=defense, attack=attack, merge=merge, seed=seed,
-        status=status, reason=reason, metrics=tuple(metrics) if status == "ok" else (),
-        provenance=prov, created=created,
-    )
-
-
-def references(merged_by_merge: dict[str, float], **kw) -> list[CellRecord]:
-    """The unprotected none/none merges (utility = the expert itself)."""
-    return [cell("none", "none", m, v, utility=kw.pop("utility", 0.9), **kw) for m, v in merged_by_merge.items()]
-
-
 def worked_example() -> list[CellRecord]:
-    """acc_pre 0.5, acc_ft 0.9; unprotected merges reach 0.8 (ta) and 0.7 (ties).
+    """θ_pre 0.5, expert 0.9. Counterfactual floor 0.6 everywhere; unprotected merges 0.8 (ta), 0.7 (ties).
 
-    Defense 'guard': none/ta 0.55 -> 1/6, none/ties 0.5 -> 0, align/ta 0.74 -> 0.8, align/ties 0.6 -> 0.5.
+    Defense 'guard': none/ta 0.65 -> 0.25, none/ties 0.6 -> 0, align/ta 0.76 -> 0.8, align/ties 0.65 -> 0.5.
     """
-    return [
-        baseline(),
-        *references({"ta": 0.8, "ties": 0.7}),
-        cell("guard", "none", "ta", 0.55, utility=0.88),
-        cell("guard", "none", "ties", 0.5, utility=0.88),
-        cell("guard", "align", "ta", 0.74, utility=0.88, timings={"prepare": 2.0, "finish": 1.0, "protect": 5.0}),
-        cell("guard", "align", "ties", 0.6, utility=0.88),
-    ]
+    return unique([
+        baseline(), utility_cell("guard", 0.88),
+        *pipeline("guard", "none", "ta", p=0.65, u=0.8, z=0.6),
+        *pipeline("guard", "none", "ties", p=0.6, u=0.7, z=0.6),
+        *pipeline("guard", "align", "ta", p=0.76, u=0.8, z=0.6, timings={"prepare": 2.0, "finish": 1.0}),
+        *pipeline("guard", "align", "ties", p=0.65, u=0.7, z=0.6),
+    ])
 
 
-def test_security_is_one_minus_worst_case_over_attacks_and_merges():
-    s = score(worked_example(), attacks=ATTACKS, n_bootstrap=50)
+# ---------------------------------------------------------------- the counterfactual ratio
+
+
+def test_recovered_is_read_against_the_counterfactual_not_theta_pre():
+    s = score(worked_example(), attacks=ATTACKS, n_bootstrap=200)
     (v,) = s.victim_scores(SUITE, "guard")
-    recovered = {(p.attack, p.merge): p.recovered for p in v.pairs}
-    assert recovered[("none", "ta")] == pytest.approx(0.05 / 0.3)
-    assert recovered[("none", "ties")] == pytest.approx(0.0)
-    assert recovered[("align", "ta")] == pytest.approx(0.8)
-    assert recovered[("align", "ties")] == pytest.approx(0.5)
-    assert v.security == pytest.approx(0.2)
+    pairs = {(p.attack, p.merge): p for p in v.pairs}
+    assert pairs[("none", "ta")].recovered == pytest.approx(0.05 / 0.2)
+    assert pairs[("none", "ties")].recovered == pytest.approx(0.0)
+    assert pairs[("align", "ta")].recovered == pytest.approx(0.8)
+    assert pairs[("align", "ties")].recovered == pytest.approx(0.5)
+    # Against θ_pre (0.5) as the floor, align/ta would have read (0.76 − 0.5)/(0.8 − 0.5) = 0.87.
+    a = pairs[("align", "ta")]
+    assert (a.v_protected, a.v_unprotected, a.v_counterfactual) == pytest.approx((0.76, 0.8, 0.6))
+    assert a.gain == pytest.approx(0.2) and a.informative and a.examples == N
+    assert a.gain_ci[0] > 0 and a.recovered_ci[0] <= 0.8 <= a.recovered_ci[1]
     assert (v.best_attack, v.best_merge) == ("align", "ta")
-    assert v.attack_s == pytest.approx(3.0)  # prepare + finish of the best attack
-    assert v.utility == pytest.approx(0.88 / 0.9)
+    assert v.security == pytest.approx(0.2, abs=0.05)  # measured on the held-out half
+    assert v.security_ci[0] < v.security < v.security_ci[1]  # one seed, yet a real interval
+    assert v.attack_s == pytest.approx(3.0)
+    assert v.utility == pytest.approx(0.88 / 0.9) and v.utility_ci[0] < v.utility < v.utility_ci[1]
     assert (v.acc_pre, v.acc_ft) == (0.5, 0.9)
-    entry = s.entry(SUITE, "guard")
-    assert entry.security == pytest.approx(0.2) and entry.best_recovered == pytest.approx(0.8)
 
 
-def test_unprotected_reference_scores_zero_security_and_full_utility():
-    s = score(worked_example(), attacks=["none"], n_bootstrap=20)
-    ref = s.entry(SUITE, "none")
-    assert ref.security == pytest.approx(0.0)
-    assert ref.utility == pytest.approx(1.0)
+def test_finetuning_attack_that_only_matches_its_own_counterfactual_recovers_nothing():
+    # merge-finetune lifts every filling: P 0.72 equals ∅ 0.72 (what the attacker's own labels give),
+    # U 0.80. The old θ_pre floor (0.5) would have credited the attack with (0.72 − 0.5)/(0.8 − 0.5) = 0.73.
+    records = unique([baseline(), utility_cell("g", 0.88),
+                      *pipeline("g", "merge-finetune", "ta", p=0.72, u=0.80, z=0.72)])
+    (v,) = score(records, attacks=["merge-finetune"], n_bootstrap=200).victim_scores(SUITE, "g")
+    (pair,) = v.pairs
+    assert pair.recovered == 0.0 and pair.informative
+    assert v.security == pytest.approx(1.0)
 
 
-def test_recovered_is_clipped_to_unit_interval():
-    assert recovered_fraction(0.95, 0.8, 0.5) == 1.0  # the attack beats the unprotected merge
-    assert recovered_fraction(0.3, 0.8, 0.5) == 0.0  # worse than θ_pre
-    assert recovered_fraction(0.65, 0.8, 0.5) == pytest.approx(0.5)
-    records = [baseline(), *references({"ta": 0.8}), cell("g", "none", "ta", 0.95), cell("g", "align", "ta", 0.2)]
-    (v,) = score(records, attacks=ATTACKS, n_bootstrap=10).victim_scores(SUITE, "g")
-    assert {p.attack: p.recovered for p in v.pairs} == {"none": 1.0, "align": 0.0}
-    assert v.security == 0.0
-
-
-def test_recovered_flips_sign_for_lower_is_better_metrics():
-    # perplexity: θ_pre 20, unprotected merge 12 (a gain of 8), protected merge 18 (a gain of 2)
+def test_recovered_formula_clips_and_flips_sign_for_lower_is_better():
+    assert recovered_fraction(0.95, 0.8, 0.6) == 1.0
+    assert recovered_fraction(0.3, 0.8, 0.6) == 0.0
+    assert recovered_fraction(0.7, 0.8, 0.6) == pytest.approx(0.5)
+    assert recovered_fraction(0.7, 0.6, 0.6) is None  # nothing to recover: never divided
+    # perplexity: counterfactual 20, unprotected 12 (a gain of 8), protected 18 (2 of it)
     assert recovered_fraction(18.0, 12.0, 20.0, higher_is_better=False) == pytest.approx(0.25)
-    assert recovered_fraction(18.0, 25.0, 20.0, higher_is_better=False) is None
     assert utility_ratio(11.0, 10.0, higher_is_better=False) == pytest.approx(10 / 11)
 
 
-def test_degenerate_denominator_is_na_not_divided():
-    # ties: the unprotected merge (0.5) is no better than θ_pre (0.5): nothing to recover there.
-    assert recovered_fraction(0.7, 0.5, 0.5) is None
-    assert recovered_fraction(0.7, 0.45, 0.5) is None
-    records = [baseline(), *references({"ta": 0.8, "ties": 0.5}),
-               cell("g", "none", "ta", 0.65), cell("g", "none", "ties", 0.9), cell("g", "align", "ta", 0.56)]
-    s = score(records, attacks=ATTACKS, n_bootstrap=10)
+def test_pair_whose_gain_interval_includes_zero_is_uninformative_not_divided():
+    # U 0.61 vs ∅ 0.60 on 400 examples: a gain of 0.01, not significant.
+    records = unique([baseline(), utility_cell("g", 0.88),
+                      *pipeline("g", "none", "ta", p=0.9, u=0.61, z=0.60, partners=("p",)),
+                      *pipeline("g", "align", "ta", p=0.7, u=0.8, z=0.6)])
+    # make the weak pair's U and ∅ independent (not nested), as real fillings are
+    for i, r in enumerate(records):
+        if r.kind == "merge" and r.attack == "none" and r.filling == "unprotected":
+            v = np.random.default_rng(0).permutation(outcomes(0.61))
+            records[i] = record(r.spec, [Metric("merged", "v", "accuracy", float(v.mean()), True, encode(v))])
+    s = score(records, attacks=ATTACKS, n_bootstrap=300)
     (v,) = s.victim_scores(SUITE, "g")
-    ties = next(p for p in v.pairs if p.merge == "ties")
-    assert ties.recovered is None and "nothing beyond" in ties.na_reason
-    assert v.security == pytest.approx(0.5)  # the degenerate ties cell (0.9!) does not count
-    assert (v.best_attack, v.best_merge) == ("none", "ta")
+    weak = next(p for p in v.pairs if p.attack == "none")
+    assert weak.informative is False and weak.recovered is None and "uninformative" in weak.na_reason
+    assert weak.gain_ci[0] <= 0 <= weak.gain_ci[1]
+    assert (v.best_attack, v.best_merge) == ("align", "ta")  # security rests on the informative pair only
+    assert "uninformative" in {f.code for f in v.flags}
 
 
-def test_all_degenerate_leaves_security_unscored_and_unranked():
-    records = [baseline(), *references({"ta": 0.45}), cell("g", "none", "ta", 0.9), cell("g", "align", "ta", 0.9)]
-    s = score(records, attacks=ATTACKS, n_bootstrap=10)
-    e = s.entry(SUITE, "g")
-    assert e.security is None and e.security_ci is None and e.rank is None
-    assert e.has_flag("no_security")
-    assert e.unranked_reason == "no attack could be scored"
+def test_victim_without_any_informative_pair_has_no_security_and_the_entry_is_unranked():
+    records = unique([baseline(), utility_cell("g", 0.88), *pipeline("g", "none", "ta", p=0.6, u=0.6, z=0.6)])
+    s = score(records, attacks=["none"], n_bootstrap=50)
+    entry = s.entry(SUITE, "g")
+    assert entry.security is None and entry.rank is None
+    assert entry.uninformative_victims == ["v"] and entry.has_flag("no_security")
 
 
-def test_missing_baseline_makes_recovered_na_with_reason():
-    records = [*references({"ta": 0.8}), cell("g", "none", "ta", 0.6)]
-    (v,) = score(records, attacks=["none"], n_bootstrap=10).victim_scores(SUITE, "g")
-    assert v.pairs[0].recovered is None and "no baseline" in v.pairs[0].na_reason
+# ---------------------------------------------------------------- full-spec matching
 
 
-def noisy_records() -> list[CellRecord]:
-    """Two partner sets x three seeds; recovered varies by replicate so intervals have width."""
-    out = []
-    for seed in range(3):
-        out.append(baseline(seed=seed))
-        for partners in (("p",), ("q",)):
-            out += references({"ta": 0.8}, seed=seed, partners=partners)
-            jitter = 0.02 * seed + (0.03 if partners == ("q",) else 0.0)
-            out.append(cell("g", "none", "ta", 0.56 + jitter, seed=seed, partners=partners, utility=0.85 + jitter))
-            out.append(cell("g", "align", "ta", 0.62 + jitter, seed=seed, partners=partners, utility=0.85 + jitter))
-    return out
-
-
-def test_bootstrap_intervals_are_deterministic_for_a_seed():
-    a = score(noisy_records(), attacks=ATTACKS, n_bootstrap=200, seed=3).entry(SUITE, "g")
-    b = score(noisy_records(), attacks=ATTACKS, n_bootstrap=200, seed=3).entry(SUITE, "g")
-    c = score(noisy_records(), attacks=ATTACKS, n_bootstrap=200, seed=4).entry(SUITE, "g")
-    assert a.security_ci == b.security_ci and a.utility_ci == b.utility_ci
-    assert a.security_ci != c.security_ci  # the seed drives the resampling
-    lo, hi = a.security_ci
-    assert lo < a.security < hi
-    assert 0.0 <= lo and hi <= 1.0
-
-
-def test_bootstrap_interval_spans_replicate_extremes_only():
-    s = score(noisy_records(), attacks=ATTACKS, n_bootstrap=500, seed=0)
+def test_cells_with_different_params_never_pair():
+    # the protected merge used λ = 0.5; the only references were merged with λ = 0.3
+    protected = pipeline("g", "none", "ta", p=0.7, u=0.8, z=0.6, merge_params={"lambda_": 0.5}, with_refs=False)
+    refs = pipeline("none-such", "none", "ta", p=0.0, u=0.8, z=0.6, merge_params={"lambda_": 0.3})[1:]
+    s = score(unique([baseline(), utility_cell("g", 0.88), *protected, *refs]), attacks=["none"], n_bootstrap=20)
     (v,) = s.victim_scores(SUITE, "g")
-    per_replicate = [1 - (0.12 + 0.02 * seed + q) / 0.3 for seed in range(3) for q in (0.0, 0.03)]
-    lo, hi = v.security_ci
-    assert min(per_replicate) - 1e-9 <= lo and hi <= max(per_replicate) + 1e-9
-    assert v.security == pytest.approx(sum(per_replicate) / 6)
-    assert len(v.replicates) == 6
+    (pair,) = v.pairs
+    assert pair.recovered is None and "missing" in pair.na_reason
+    entry = s.entry(SUITE, "g")
+    assert entry.has_flag("incomplete") and entry.rank is None
+    assert "never run" in entry.unranked_reason
 
 
-def test_single_replicate_interval_collapses_to_the_point():
-    e = score(worked_example(), attacks=ATTACKS, n_bootstrap=50).entry(SUITE, "guard")
-    assert e.security_ci == pytest.approx((0.2, 0.2))
+def test_counterpart_spec_finds_the_shared_reference_cells(toy_suite):
+    from bench.plan import build_plan
+
+    plan = build_plan(toy_suite, defense="toy-scale", attack="none", merge="ta,ta-tuned", victims=["t10"],
+                      evaluate="victim")
+    merges = [c for c in plan.cells if c.kind == "merge"]
+    by_id = {c.cell_id: c for c in merges}
+    protected = [c for c in merges if c.filling == "protected"]
+    assert protected and all(c.defense is not None for c in protected)
+    for c in protected:
+        u = by_id[spec_id(counterpart_spec(c.spec(), "unprotected"))]
+        z = by_id[spec_id(counterpart_spec(c.spec(), "counterfactual"))]
+        assert (u.filling, z.filling) == ("unprotected", "counterfactual")
+        assert u.defense is None and z.defense is None
+        assert u.merge.spec() == c.merge.spec() and u.attack.spec() == c.attack.spec()
+        assert u.evaluated_tasks == ("t10", "t20", "t30") and z.evaluated_tasks == ("t10",)
+    # one unprotected and one counterfactual cell per pipeline, shared by every defense
+    assert sum(c.filling == "unprotected" for c in merges) == 2
+    assert not any(c.defense is not None and c.defense.name == "none" for c in merges)
 
 
-def test_function_preservation_violation_is_flagged():
-    broken = {"function_preservation": {"claimed": True, "max_abs_diff": 0.3, "ok": False}}
-    fine = {"function_preservation": {"claimed": True, "max_abs_diff": 1e-7, "ok": True}}
-    records = [baseline(), *references({"ta": 0.8}),
-               cell("bad", "none", "ta", 0.6, flags=broken), cell("bad", "align", "ta", 0.6),
-               cell("good", "none", "ta", 0.6, flags=fine), cell("good", "align", "ta", 0.6)]
-    s = score(records, attacks=ATTACKS, n_bootstrap=10)
-    assert s.entry(SUITE, "bad").has_flag("function_preservation_violated")
-    assert "0.3" in next(f.message for f in s.entry(SUITE, "bad").flags)
-    assert not s.entry(SUITE, "good").has_flag("function_preservation_violated")
+# ---------------------------------------------------------------- honest ranking
 
 
-def test_function_preservation_without_ok_uses_tolerance():
-    flags = {"function_preservation": {"claimed": True, "max_abs_diff": 10 * scoring.FP_TOLERANCE}}
-    records = [baseline(), *references({"ta": 0.8}), cell("g", "none", "ta", 0.6, flags=flags)]
-    assert score(records, attacks=["none"], n_bootstrap=5).entry(SUITE, "g").has_flag("function_preservation_violated")
-
-
-def test_utility_below_floor_is_flagged_and_unranked():
-    records = [baseline(), *references({"ta": 0.8}),
-               cell("wrecker", "none", "ta", 0.5, utility=0.45), cell("wrecker", "align", "ta", 0.5, utility=0.45),
-               cell("honest", "none", "ta", 0.7, utility=0.9), cell("honest", "align", "ta", 0.7, utility=0.9)]
-    s = score(records, attacks=ATTACKS, n_bootstrap=10)
-    wrecker = s.entry(SUITE, "wrecker")
-    assert wrecker.security == 1.0 and wrecker.utility == pytest.approx(0.5)
-    assert wrecker.has_flag("utility_below_floor") and wrecker.rank is None
-    assert s.entry(SUITE, "honest").rank is not None
-    # a lower floor lets it rank, first (it does have the best security)
-    assert score(records, attacks=ATTACKS, n_bootstrap=10, utility_floor=0.4).entry(SUITE, "wrecker").rank == 1
-
-
-def test_security_on_fewer_attacks_than_the_standard_set_is_incomplete_not_ranked():
+def test_a_failed_cell_unranks_its_defense_and_is_named():
     records = worked_example()
-    s = score(records, attacks=["none", "align", "unmask"], n_bootstrap=10)
-    e = s.entry(SUITE, "guard")
-    assert e.attacks_missing == ["unmask"] and not e.complete
-    assert e.has_flag("incomplete") and e.rank is None and "unmask" in e.unranked_reason
-    assert e.security == pytest.approx(0.2)  # still reported, just not ranked
+    failed_spec = merge_spec("v", ("p",), 0, "guard", "align", "dare")
+    records.append(record(failed_spec, [], status="failed", reason="RuntimeError: boom"))
+    s = score(records, attacks=ATTACKS, n_bootstrap=50)
+    entry = s.entry(SUITE, "guard")
+    assert entry.rank is None and entry.has_flag("failed_cells")
+    assert spec_id(failed_spec) in entry.unranked_reason
 
 
-def test_attack_marked_not_applicable_does_not_make_security_incomplete():
-    records = [*worked_example(), cell("guard", "taylor-inversion", "ta", 0.0, status="na",
-                                       reason="only applies to structure-changed artifacts")]
-    e = score(records, attacks=["none", "align", "taylor-inversion"], n_bootstrap=10).entry(SUITE, "guard")
-    assert e.complete and e.rank is not None
-    (v,) = score(records, attacks=["none", "align", "taylor-inversion"], n_bootstrap=10).victim_scores(SUITE, "guard")
-    assert v.attacks_na == {"taylor-inversion": "only applies to structure-changed artifacts"}
+def test_a_failed_reference_cell_unranks_the_defenses_that_need_it():
+    records = [r for r in worked_example()]
+    spec = records[-1].spec
+    ref = counterpart_spec(spec, "counterfactual")
+    records = [r for r in records if r.cell_id != spec_id(ref)]
+    records.append(record(ref, [], status="failed", reason="MemoryError"))
+    entry = score(records, attacks=ATTACKS, n_bootstrap=50).entry(SUITE, "guard")
+    assert entry.rank is None and spec_id(ref) in entry.unranked_reason
 
 
-def test_failed_attack_counts_as_missing_and_is_flagged():
-    records = [*worked_example(), cell("guard", "unmask", "ta", 0.0, status="failed", reason="RuntimeError: boom")]
-    e = score(records, attacks=["none", "align", "unmask"], n_bootstrap=10).entry(SUITE, "guard")
-    assert e.attacks_missing == ["unmask"]
-    assert e.has_flag("failed_cells") and e.has_flag("incomplete")
+def test_budget_na_is_a_misconfiguration_not_an_excuse():
+    records = worked_example()
+    spec = merge_spec("v", ("p",), 0, "guard", "merge-finetune", "ta")
+    records.append(record(spec, [], status="na", reason="needs 256 labelled, budget allows 64",
+                          provenance={"na_kind": "budget"}))
+    entry = score(records, attacks=[*ATTACKS, "merge-finetune"], n_bootstrap=50).entry(SUITE, "guard")
+    assert entry.has_flag("budget_exceeded") and entry.rank is None
+    assert "merge-finetune" in entry.attacks_missing
 
 
-def test_standard_attacks_default_to_every_planned_attack():
-    from bench.plan import standard_attacks as planned
-    from bench.registry import attacks
+def test_structural_na_excuses_an_attack():
+    records = worked_example()
+    spec = merge_spec("v", ("p",), 0, "guard", "taylor-invert", "ta")
+    records.append(record(spec, [], status="na", reason="defense guard releases no Taylor FFN",
+                          provenance={"na_kind": "structural"}))
+    s = score(records, attacks=[*ATTACKS, "taylor-invert"], n_bootstrap=50)
+    entry = s.entry(SUITE, "guard")
+    assert not entry.attacks_missing and entry.rank == 1
+    (v,) = s.victim_scores(SUITE, "guard")
+    assert "taylor-invert" in v.attacks_na
 
-    default = scoring.standard_attacks()
-    assert default == sorted(planned()) and set(attacks.names()) <= set(default)
-    assert scoring.standard_attacks(["b", "a", "b"]) == ["a", "b"]
+
+def test_a_standard_attack_never_run_makes_the_entry_incomplete():
+    entry = score(worked_example(), attacks=[*ATTACKS, "unmask"], n_bootstrap=20).entry(SUITE, "guard")
+    assert entry.attacks_missing == ["unmask"] and entry.rank is None and entry.has_flag("incomplete")
 
 
-def test_a_sweep_point_covers_its_attack():
-    swept = cell("guard", "align[steps=10]", "ta", 0.6)
-    swept = dataclasses.replace(swept, spec={"attack": {"name": "align", "version": "1", "params": {"steps": 10}}})
-    records = [baseline(), *references({"ta": 0.8}), cell("guard", "none", "ta", 0.55), swept]
-    s = score(records, attacks=ATTACKS, n_bootstrap=5)
-    e = s.entry(SUITE, "guard")
-    assert e.complete and e.best_attack == "align[steps=10]"
-    assert e.best_recovered == pytest.approx(1 / 3)
+def test_utility_floor_applies_per_victim_not_to_the_mean():
+    records = worked_example()  # victim v: utility 0.88 / 0.9 = 0.978
+    records += [baseline(victim="w", partners=("p",)), utility_cell("guard", 0.5, victim="w"),
+                *pipeline("guard", "none", "ta", p=0.65, u=0.8, z=0.6, victim="w"),
+                *pipeline("guard", "align", "ta", p=0.7, u=0.8, z=0.6, victim="w")]
+    entry = score(unique(records), attacks=ATTACKS, n_bootstrap=50).entry(SUITE, "guard")
+    assert entry.utility > 0.7  # the mean (0.978 + 0.556) / 2 = 0.77 would hide it
+    assert entry.has_flag("utility_below_floor") and "w" in entry.unranked_reason and entry.rank is None
+
+
+def test_function_preservation_violation_unranks():
+    records = [r for r in worked_example() if r.kind != "utility"]
+    records.append(utility_cell("guard", 0.88, flags={"claimed": True, "max_abs_diff": 0.5, "tolerance": 0.001, "ok": False}))
+    entry = score(records, attacks=ATTACKS, n_bootstrap=20).entry(SUITE, "guard")
+    assert entry.has_flag("function_preservation_violated") and entry.rank is None
+
+
+def test_unprotected_reference_row_recovers_everything():
+    entry = score(worked_example(), attacks=ATTACKS, n_bootstrap=50).entry(SUITE, "none")
+    assert entry.security == pytest.approx(0.0) and entry.utility == pytest.approx(1.0)
+    assert entry.rank is not None and not entry.attacks_missing
 
 
 def test_partner_side_effect_compares_protected_and_unprotected_merges():
-    records = [baseline(), cell("none", "none", "ta", 0.8, partner_merged=0.7),
-               cell("g", "none", "ta", 0.6, partner_merged=0.64), cell("g", "align", "ta", 0.7, partner_merged=0.5)]
-    (v,) = score(records, attacks=ATTACKS, n_bootstrap=5).victim_scores(SUITE, "g")
-    assert v.partner_effect == pytest.approx(-0.06)  # the plain merge (attack none) is the summary
-    assert {p.attack: p.partner_effect for p in v.pairs} == pytest.approx({"none": -0.06, "align": -0.2})
+    records = unique([baseline(), utility_cell("g", 0.88),
+                      *pipeline("g", "none", "ta", p=0.7, u=0.8, z=0.6, partner=(0.55, 0.75))])
+    (v,) = score(records, attacks=["none"], n_bootstrap=20).victim_scores(SUITE, "g")
+    assert v.partner_effect == pytest.approx(-0.2)
 
 
-def test_ranking_orders_by_security_and_stability_reports_flips():
-    records = [baseline(), *references({"ta": 0.8})]
-    for name, merged in (("strong", 0.53), ("middling", 0.65), ("weak", 0.77)):
-        records += [cell(name, "none", "ta", merged), cell(name, "align", "ta", merged)]
-    s = score(records, attacks=ATTACKS, n_bootstrap=30)
-    ranks = {d.defense: d.rank for d in s.suites}
-    assert ranks == {"strong": 1, "middling": 2, "weak": 3, "none": 4}
-    st = s.stability[SUITE]
-    assert st.defenses == ["strong", "middling", "weak", "none"]
-    assert st.stable_fraction == 1.0  # one replicate: nothing to resample differently
-    assert st.rank_probability[0] == [1.0, 0.0, 0.0, 0.0]
-    assert [f for _, _, f in st.pairwise_flip] == [0.0, 0.0, 0.0]
+def test_newest_protected_cell_wins_and_is_read_against_its_own_references():
+    old = pipeline("g", "none", "ta", p=0.8, u=0.8, z=0.6, merge_params={"lambda_": 0.3})
+    new = pipeline("g", "none", "ta", p=0.6, u=0.8, z=0.6, merge_params={"lambda_": 0.5})
+    new[0] = record(new[0].spec, list(new[0].metrics), created=5.0)
+    records = unique([baseline(), utility_cell("g", 0.88), *old, *new])
+    (v,) = score(records, attacks=["none"], n_bootstrap=20).victim_scores(SUITE, "g")
+    (pair,) = v.pairs
+    assert pair.recovered == pytest.approx(0.0)
 
 
-def test_rank_stability_sees_flips_when_replicates_disagree():
-    records = []
-    for seed, (a, b) in enumerate([(0.56, 0.62), (0.62, 0.56), (0.59, 0.60), (0.61, 0.57)]):
-        records += [baseline(seed=seed), *references({"ta": 0.8}, seed=seed),
-                    cell("a", "none", "ta", a, seed=seed), cell("b", "none", "ta", b, seed=seed)]
-    s = score(records, attacks=["none"], n_bootstrap=400, seed=1)
-    st = s.stability[SUITE]
-    first_pair = st.pairwise_flip[0]
-    assert 0.05 < first_pair[2] < 0.95
-    assert 0.0 < st.stable_fraction < 1.0
-    assert all(math.isclose(sum(row), 1.0) for row in st.rank_probability)
+# ---------------------------------------------------------------- intervals
 
 
-def test_overall_score_averages_over_suites():
-    records = []
-    for suite, merged in (("s1", 0.62), ("s2", 0.74)):  # security 0.6 and 0.2
-        records += [baseline(suite=suite), *references({"ta": 0.8}, suite=suite),
-                    cell("g", "none", "ta", merged, suite=suite)]
-    s = score(records, attacks=["none"], n_bootstrap=10)
-    (g,) = [d for d in s.overall if d.defense == "g"]
-    assert g.security == pytest.approx(0.4) and g.suites == ["s1", "s2"]
-    assert (g.best_attack, g.best_recovered) == ("none", pytest.approx(0.8))
+def test_intervals_combine_examples_and_replicates_and_are_deterministic():
+    records = [baseline(), baseline(seed=1), utility_cell("g", 0.88), utility_cell("g", 0.88, seed=1)]
+    records += pipeline("g", "none", "ta", p=0.7, u=0.8, z=0.6, seed=0)
+    records += pipeline("g", "none", "ta", p=0.66, u=0.8, z=0.6, seed=1)
+    records = unique(records)
+    a = score(records, attacks=["none"], n_bootstrap=300, seed=3)
+    b = score(records, attacks=["none"], n_bootstrap=300, seed=3)
+    (va,), (vb,) = a.victim_scores(SUITE, "g"), b.victim_scores(SUITE, "g")
+    assert va.security_ci == vb.security_ci and va.pairs[0].recovered_ci == vb.pairs[0].recovered_ci
+    (pair,) = va.pairs
+    assert pair.n == 2 and pair.recovered == pytest.approx(0.4)  # (0.1 + 0.06) / (0.2 + 0.2)
+    lo, hi = pair.recovered_ci
+    assert lo < 0.3 and hi > 0.5  # the replicates disagree (0.5 vs 0.3): the interval spans them
 
 
-def test_newest_duplicate_cell_wins():
-    records = [*worked_example(), cell("guard", "align", "ta", 0.5, utility=0.88, created=9.0)]
-    (v,) = score(records, attacks=ATTACKS, n_bootstrap=5).victim_scores(SUITE, "guard")
-    assert {(p.attack, p.merge): p.recovered for p in v.pairs}[("align", "ta")] == pytest.approx(0.0)
+def test_pair_statistics_resample_the_fillings_with_shared_indices():
+    rng = np.random.default_rng(0)
+    z = (rng.random((1, 200)) < 0.5).astype(float)
+    u = np.maximum(z, (rng.random((1, 200)) < 0.6).astype(float))
+    out = PairOutcomes(u.copy(), u, z)  # P == U: every draw must recover exactly 1
+    draws = pair_statistics(out, bootstrap_counts(rng, 200, 100), np.ones((100, 1)))
+    assert np.allclose(draws.recovered[~np.isnan(draws.recovered)], 1.0)
+    assert np.all(draws.gain >= 0)
 
 
-def test_defense_na_on_a_whole_suite_is_listed_not_scored():
-    records = [*worked_example(), cell("attn-only", "none", "ta", 0.0, status="na", reason="needs attention")]
-    s = score(records, attacks=ATTACKS, n_bootstrap=5)
-    assert s.not_applicable == [(SUITE, "attn-only", "needs attention")]
-    assert all(d.defense != "attn-only" for d in s.suites)
+# ---------------------------------------------------------------- the winner's curse
+
+
+def _simulate(rng: np.random.Generator, truths: list[float], n: int = 1000) -> list[PairOutcomes]:
+    """Independent per-example outcomes per filling: ∅ at 0.45, U at 0.85, P at 0.45 + r·0.4."""
+    pairs = []
+    for r in truths:
+        z = (rng.random((1, n)) < 0.45).astype(float)
+        u = (rng.random((1, n)) < 0.85).astype(float)
+        p = (rng.random((1, n)) < 0.45 + r * 0.4).astype(float)
+        pairs.append(PairOutcomes(p, u, z))
+    return pairs
+
+
+def test_held_out_worst_case_is_unbiased_where_the_naive_max_is_not_and_covers_the_truth():
+    rng = np.random.default_rng(12345)
+    truths = [0.5] * 12  # twelve equally strong pairs: any max over them is pure noise
+    n, sims, draws = 1000, 200, 400
+    naive, corrected, covered = [], [], 0
+    for _ in range(sims):
+        pairs = _simulate(rng, truths, n)
+        sel, held = selection_split(n, rng)
+        counts = bootstrap_counts(rng, n, draws, within=held)
+        result = select_worst_pair(pairs, [True] * len(pairs), sel, held, counts, np.ones((draws, 1)))
+        naive.append(result.naive)
+        corrected.append(result.recovered)
+        lo, hi = np.percentile(result.draws, [2.5, 97.5])
+        covered += lo <= truths[result.index] <= hi
+    mc = np.std(corrected) / math.sqrt(sims)
+    assert np.mean(naive) - 0.5 > 5 * mc  # the naive max is biased upward
+    assert abs(np.mean(corrected) - 0.5) < 3 * mc + 0.005  # the held-out value is not (ratio bias ~0.3 %)
+    assert covered / sims >= 0.90  # a 95 % interval covers the truth near its nominal rate
+
+
+def test_held_out_selection_still_finds_a_dominant_pair():
+    rng = np.random.default_rng(7)
+    pairs = _simulate(rng, [0.2, 0.9, 0.3])
+    sel, held = selection_split(1000, rng)
+    result = select_worst_pair(pairs, [True] * 3, sel, held, bootstrap_counts(rng, 1000, 200, within=held),
+                               np.ones((200, 1)))
+    assert result.index == 1 and result.recovered == pytest.approx(0.9, abs=0.12)
+
+
+# ---------------------------------------------------------------- misc
 
 
 def test_bad_bootstrap_settings_raise_a_sentence():
     with pytest.raises(ScoringError, match="n_bootstrap"):
-        score(worked_example(), n_bootstrap=0)
+        score([], n_bootstrap=0)
     with pytest.raises(ScoringError, match="ci_level"):
-        score(worked_example(), ci_level=1.5)
+        score([], ci_level=1.5)
 
 
-def test_table_lists_overall_then_suites_ranked_first():
-    text = format_table(score(worked_example(), attacks=["none", "align", "unmask"], n_bootstrap=5))
+def test_standard_attacks_default_to_every_planned_attack():
+    from bench.plan import standard_attacks as planned
+
+    assert scoring.standard_attacks() == sorted(set(planned()))
+    assert scoring.standard_attacks(["b", "a", "b"]) == ["a", "b"]
+
+
+def test_table_lists_overall_then_suites_with_intervals():
+    text = format_table(score(worked_example(), attacks=ATTACKS, n_bootstrap=50))
     lines = text.splitlines()
     assert lines[0].split()[:3] == ["rank", "suite", "defense"]
-    body = [line.split() for line in lines[2:]]
-    assert [row[1] for row in body] == ["overall", "overall", SUITE, SUITE]
-    assert "incomplete" in text  # the missing 'unmask' attack is shown, not hidden
-    assert format_table(score([], attacks=["none"], n_bootstrap=5)).startswith("no scored cells")
+    assert "overall" in lines[2] and "[" in text
 
 
-def test_summary_tables_read_the_newest_cell_per_coordinates_like_the_scores():
-    from bench.report import summary_tables
+def test_ranking_orders_by_security_and_stability_reports_flips():
+    records = worked_example()
+    records += [utility_cell("weak", 0.88), *pipeline("weak", "none", "ta", p=0.8, u=0.8, z=0.6)[:1],
+                *pipeline("weak", "align", "ta", p=0.8, u=0.8, z=0.6)[:1],
+                *pipeline("weak", "none", "ties", p=0.7, u=0.7, z=0.6)[:1],
+                *pipeline("weak", "align", "ties", p=0.7, u=0.7, z=0.6)[:1]]
+    s = score(records, attacks=ATTACKS, n_bootstrap=100)
+    ranked = sorted((d for d in s.suites if d.rank), key=lambda d: d.rank)
+    assert [d.defense for d in ranked] == ["guard", "none", "weak"]  # none and weak: security 0, utility 1 > 0.98
+    st = s.stability[SUITE]
+    assert st.defenses[0] == "guard" and 0.0 <= st.stable_fraction <= 1.0
 
-    old = cell("guard", "none", "ta", 0.3, utility=0.4, created=2.0)
-    new = cell("guard", "none", "ta", 0.8, utility=0.7, created=3.0)  # a re-run under a newer plugin version
-    failed = dataclasses.replace(cell("guard", "none", "ta", 0.0, created=4.0), status="failed", metrics=())
-    text = summary_tables([baseline(), new, old, failed], tasks=["v"])
-    assert "0.800" in text and "0.700" in text
-    assert not {"0.300", "0.400", "0.550"} & set(text.split())  # neither the superseded cell nor an average (0.55)
-    assert "Not run" not in text  # the failure is of a cell a successful one stands for
-    assert "Not run" in summary_tables([baseline(), failed], tasks=["v"])
+
+def test_selection_prefers_a_pair_recovered_exactly_to_one_that_touches_the_clip_by_noise():
+    rng = np.random.default_rng(3)
+    n = 600
+    sel, held = selection_split(n, rng)
+    z = (rng.random((1, n)) < 0.5).astype(float)
+    u = np.maximum(z, (rng.random((1, n)) < 0.5).astype(float))
+    exact = PairOutcomes(u.copy(), u, z)  # an algebraic attack that restores the expert: P == U everywhere
+    noisy_p = z.copy()
+    noisy_p[0, sel] = rng.permutation(u[0, sel])  # the same mean as U on the selection half, other examples
+    noisy = PairOutcomes(noisy_p, u, z)  # ... and nothing on the held-out half
+    draws = 300
+    result = select_worst_pair([noisy, exact], [True, True], sel, held, bootstrap_counts(rng, n, draws, within=held),
+                               np.ones((draws, 1)), tie_break=[(0.0,), (2.0,)],  # the noisy pair is cheaper
+                               selection_counts=bootstrap_counts(rng, n, draws, within=sel))
+    assert result.index == 1 and result.recovered == 1.0

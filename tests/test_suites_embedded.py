@@ -302,6 +302,8 @@ def test_vision_cells_run_end_to_end_through_the_runner(tmp_path):
     with Store(tmp_path / "r.sqlite") as store:
         summary = run_local(suite, store, plan.cells, run_id="t", log=lambda m: None)
         records = store.cells()
-    assert summary.failed == 0 and summary.ok == len(plan.cells) == 3, [r.reason for r in records if r.reason]
+    # the baseline, and per merge the unprotected and the counterfactual (θ_pre in the victim's slot) fillings
+    assert summary.failed == 0 and summary.ok == len(plan.cells) == 5, [r.reason for r in records if r.reason]
+    assert sorted(r.filling for r in records if r.kind == "merge") == ["counterfactual"] * 2 + ["unprotected"] * 2
     for r in records:
         assert r.metrics and all(0.0 <= m.value <= 1.0 for m in r.metrics)

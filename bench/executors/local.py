@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import sys
+import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
@@ -58,8 +60,41 @@ def build_experts(suite: Suite, cells: Sequence[Cell], log: Callable[[str], None
         suite.expert(t)
 
 
+LEASE_SECONDS = 600.0
+"""How long a claim on a cell lasts without renewal: a killed run's cells are free again after it."""
+
+
+class _Leases:
+    """This run's claims on cells of the store, renewed by a heartbeat thread while the run lives."""
+
+    def __init__(self, store: Store, holder: str) -> None:
+        self.store, self.holder, self.mine = store, holder, set()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if str(store.path) != ":memory:":
+            self._thread = threading.Thread(target=self._beat, name="lease-heartbeat", daemon=True)
+            self._thread.start()
+
+    def _beat(self) -> None:
+        with Store(self.store.path) as own:  # sqlite connections stay in the thread that made them
+            while not self._stop.wait(LEASE_SECONDS / 4):
+                own.renew_claims(self.holder, LEASE_SECONDS)
+
+    def take(self, cells: Sequence[Cell]) -> list[Cell]:
+        got = set(self.store.claim([c.cell_id for c in cells], self.holder, LEASE_SECONDS))
+        self.mine |= got
+        return [c for c in cells if c.cell_id in got]
+
+    def close(self) -> None:
+        self._stop.set()
+        self.store.release(self.holder)
+
+
 def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str, jobs: int = 1,
               log: Callable[[str], None] = _say, on_record: Callable[[CellRecord], None] | None = None) -> RunSummary:
+    """Run the pending ``cells``. Each group of cells is claimed in the store just before it runs, so
+    another run on the same store computes the groups this one has not claimed (and the summary says
+    how many cells the other run did, or still holds)."""
     t0 = time.time()
     todo, skipped = pending(cells, store)
     summary = RunSummary(total=len(cells), skipped=skipped)
@@ -67,9 +102,28 @@ def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str,
         summary.seconds = time.time() - t0
         return summary
     build_experts(suite, todo, log)
+    leases = _Leases(store, run_id)
+    try:
+        _run_claimed(suite, store, todo, summary, leases, run_id=run_id, jobs=jobs, log=log, on_record=on_record)
+    finally:
+        leases.close()
+    others = [c.cell_id for c in todo if c.cell_id not in leases.mine]
+    summary.by_other = len(store.done_cells(others))
+    summary.elsewhere = len(store.claimed_elsewhere(others, run_id))
+    if others and os.environ.get("MERGEARENA_QUIET") != "1":
+        log(f"{len(others)} cells were claimed by another run on this store: {summary.by_other} done by it, "
+            f"{summary.elsewhere} still running there")
+    summary.seconds = time.time() - t0
+    return summary
 
+
+def _run_claimed(suite: Suite, store: Store, todo: list[Cell], summary: RunSummary, leases: _Leases, *, run_id: str,
+                 jobs: int, log: Callable[[str], None], on_record: Callable[[CellRecord], None] | None) -> None:
     def record(rec: CellRecord, worked: bool) -> None:
-        if store.put_cell(rec):
+        summary.ran += 1
+        stored = store.put_cell(rec)
+        store.release(run_id, [rec.cell_id])
+        if stored:
             summary.records.append(rec)
             setattr(summary, rec.status, getattr(summary, rec.status) + 1)
             summary.worked += int(worked)
@@ -87,7 +141,7 @@ def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str,
     if jobs <= 1:
         runner = Runner(suite, store, run_id)
         for group in group_cells(todo):
-            for cell in group:
+            for cell in leases.take(group):
                 out = runner.run_cell(cell)
                 record(out.record, out.worked)
                 bar.update(1)
@@ -95,7 +149,7 @@ def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str,
         ctx = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // jobs)
         with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_init_worker,
-                                 initargs=(suite.name, str(suite.cache_dir), str(store.path), run_id, threads)) as pool:
+                                 initargs=(suite.name, str(suite.cache_dir), str(store.path), run_id, threads, os.getpid())) as pool:
             groups = group_cells(todo)
             # the cheap cells all finish before the first merge that trains starts
             for phase in ([g for g in groups if not trains_to_merge(g[0])], [g for g in groups if trains_to_merge(g[0])]):
@@ -104,6 +158,9 @@ def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str,
                 rest: dict = {}
                 futures = set()
                 for g in phase:
+                    g = leases.take(g)
+                    if not g:  # another run on this store holds the whole group
+                        continue
                     first = pool.submit(_run_group, g[:1])
                     rest[first] = g[1:]
                     futures.add(first)
@@ -118,8 +175,6 @@ def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str,
                             bar.update(1)
                         futures |= {pool.submit(_run_group, [c]) for c in rest.pop(f, [])}
     bar.close()
-    summary.seconds = time.time() - t0
-    return summary
 
 
 # ---------------------------------------------------------------- worker side
@@ -127,8 +182,36 @@ def run_local(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str,
 _worker: Runner | None = None
 
 
-def _init_worker(suite_name: str, cache_dir: str, store_path: str, run_id: str, threads: int) -> None:
+def die_with_parent(parent_pid: int, poll_seconds: float = 1.0) -> None:
+    """Make this process exit when ``parent_pid`` (its driver) dies, however it dies (``kill -9`` too),
+    so a killed run never leaves workers holding gigabytes and competing with the resumed run.
+
+    On Linux the kernel sends SIGKILL when the parent dies (``PR_SET_PDEATHSIG``; it fires when the
+    parent *thread* that started the worker ends: the pool starts workers from the driver's main
+    thread). Everywhere, a watchdog thread exits when the parent pid changes (the worker was reparented).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, int(signal.SIGKILL), 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            pass  # the watchdog below still applies
+    if os.getppid() != parent_pid:  # the driver died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(poll_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="driver-watchdog", daemon=True).start()
+
+
+def _init_worker(suite_name: str, cache_dir: str, store_path: str, run_id: str, threads: int, parent_pid: int) -> None:
     global _worker
+    die_with_parent(parent_pid)
     torch.set_num_threads(threads)
     os.environ["MERGEARENA_QUIET"] = "1"
     suite = suites.get(suite_name)(cache_dir=cache_dir)

@@ -90,4 +90,4 @@ def run_ray(suite: Suite, store: Store, cells: Sequence[Cell], *, run_id: str, a
 def _failed(cell: Cell, run_id: str, reason: str) -> CellRecord:
     return CellRecord(cell_id=cell.cell_id, kind=cell.kind, suite=cell.suite, victim=cell.victim, partners=cell.partners,
                       defense=cell.defense_label, attack=cell.attack_label, merge=cell.merge_label, seed=cell.seed,
-                      status="failed", reason=reason, spec=cell.spec(), run_id=run_id)
+                      status="failed", reason=reason, spec=cell.spec(), run_id=run_id, filling=cell.filling)

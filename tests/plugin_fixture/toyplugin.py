@@ -15,6 +15,7 @@ from torch import nn
 
 from bench.artifact import Artifact
 from bench.families.bert import BertFamily
+from bench.outcomes import Evaluation
 from bench.plugins import Defense, DefenseContext
 from bench.registry import defenses, suites
 from bench.suite import Batch, Expert, Regularizer, Split, Suite
@@ -112,13 +113,14 @@ class ToySuite(Suite):
         return torch.optim.AdamW(params, lr=3e-3)
 
     def evaluate(self, body: StateDict | Artifact, head: StateDict, task: str, *, merged: bool = False) -> dict[str, float]:
+        return dict(self.evaluate_examples(body, head, task, merged=merged).metrics)
+
+    def evaluate_examples(self, body: StateDict | Artifact, head: StateDict, task: str, *,
+                          merged: bool = False) -> Evaluation:
         model = self.task_model(body, head, task)
-        correct = total = 0
         with torch.no_grad():
-            for b in self.batches(task, "test", batch_size=64):
-                correct += int((model(**b.inputs).argmax(-1) == b.labels).sum())
-                total += len(b.labels)
-        return {"accuracy": correct / total}
+            flags = [(model(**b.inputs).argmax(-1) == b.labels).double() for b in self.batches(task, "test", batch_size=64)]
+        return Evaluation.from_examples({"accuracy": torch.cat(flags).numpy()})
 
 
 @dataclass(frozen=True)

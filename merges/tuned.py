@@ -1,0 +1,135 @@
+"""The tuning free-rider: TA, TIES and DARE-TIES with their coefficient chosen on labelled victim data.
+
+A real free-rider does not merge with fixed hyper-parameters: Task Arithmetic (Ilharco et al.,
+ICLR 2023, §2 and Appendix) chooses λ "using held-out validation data", TIES-Merging (Yadav et
+al., NeurIPS 2023) selects λ on validation data too, and DARE (Yu et al., ICML 2024) reports
+results over its drop rate p. Here the attacker tunes on exactly what the threat model grants it:
+its declared budget of labelled *victim* samples, drawn from the victim's training split (never the
+test split) as the first ``samples`` of one seeded permutation, the same draw the fine-tuning
+attacks (merge-finetune, GradErase) use, so a tuned merge composed with one of them uses no more
+labelled data than the larger of the two. The objective is the victim task, since what the
+free-rider wants is the victim's capability; with θ_pre in the victim's slot (the counterfactual
+filling) the same search runs, so the floor of the score is tuned as hard as the attack is.
+
+Choices where the papers leave room (each pinned by a test):
+
+* *Grids.* TA: λ ∈ {0.1, 0.2, …, 1.0} (the paper's grid is 0–1 in steps of 0.05; 0.1 halves the
+  cost, and neighbouring values differ by less than the noise of a few hundred samples); TIES:
+  λ ∈ {0.2, 0.4, …, 2.0} with k = 0.2 (around the paper's λ ≈ 1 for its disjoint mean, and down to
+  TA-like values); DARE-TIES: p ∈ {0.1, 0.3, 0.5, 0.7, 0.9} with the method's other defaults.
+* *Criterion.* Accuracy on the labelled samples, ties broken by the lower mean task loss, then by
+  the grid's order (the smaller coefficient): deterministic.
+* *BatchNorm.* A candidate is scored after the suite's post-merge repair (`Suite.recalibrate`), as
+  every merged body is evaluated.
+
+The chosen value, the grid and the criterion's value are recorded in the merge's notes (a cell's
+``provenance.merge_notes``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from bench.merging import MergeContext, MergeMethod, merge_method
+from bench.registry import merges
+from bench.weights import StateDict
+
+TA_GRID: tuple[float, ...] = tuple(round(0.1 * i, 1) for i in range(1, 11))
+TIES_GRID: tuple[float, ...] = tuple(round(0.2 * i, 1) for i in range(1, 11))
+DARE_GRID: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)
+EVAL_BATCH_SIZE = 64
+
+
+class TuningError(ValueError):
+    """A tuned merge cannot run as asked (no victim named, too few labelled samples)."""
+
+
+def labelled_victim_batches(ctx: MergeContext, samples: int) -> list[Any]:
+    """The attacker's labelled set: the first ``samples`` victim training samples of the seeded draw."""
+    if not ctx.victim:
+        raise TuningError("a tuned merge needs the victim task it tunes for (MergeContext.victim)")
+    if samples < 1:
+        raise TuningError(f"a tuned merge needs at least one labelled sample; got samples={samples}")
+    batches = list(ctx.suite.batches(ctx.victim, "train", batch_size=EVAL_BATCH_SIZE, limit=samples, shuffle=True,
+                                     seed=ctx.seed))
+    n = sum(len(b.labels) for b in batches)
+    if n < samples:
+        raise TuningError(f"task {ctx.victim!r} has only {n} training samples; the tuned merge asks for {samples}")
+    return batches
+
+
+@torch.no_grad()
+def _criterion(ctx: MergeContext, merged: StateDict, head: StateDict, batches: Sequence[Any]) -> tuple[float, float]:
+    """(accuracy, mean loss) of the merged body with the victim's head on the labelled samples."""
+    model = ctx.suite.task_model(merged, head, ctx.victim)
+    ctx.suite.recalibrate(model, ctx.victim)
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    for batch in batches:
+        logits = model(**batch.inputs)
+        correct += int((logits.argmax(-1) == batch.labels).sum())
+        total += len(batch.labels)
+        loss += float(ctx.suite.loss(model, batch)) * len(batch.labels)
+    return correct / total, loss / total
+
+
+def tune(inner: MergeMethod, base: StateDict, experts: list[StateDict], ctx: MergeContext, *, param: str,
+         grid: Sequence[float], samples: int, fixed: dict[str, Any] | None = None) -> StateDict:
+    """The merge of ``inner`` whose ``param`` (over ``grid``) scores best on the labelled victim samples."""
+    if ctx is None:
+        raise TuningError(f"merge method {inner.name}-tuned tunes on labelled victim data and needs a suite context")
+    batches = labelled_victim_batches(ctx, samples)
+    head = ctx.heads[list(ctx.tasks).index(ctx.victim)]
+    best: tuple[tuple[float, float, int], float, StateDict] | None = None
+    scores = []
+    for i, value in enumerate(grid):
+        params = inner.Params(**{**(fixed or {}), param: value})
+        merged = inner.merge(base, experts, params, seed=ctx.seed)
+        acc, loss = _criterion(ctx, merged, head, batches)
+        scores.append([value, round(acc, 6), round(loss, 6)])
+        key = (acc, -loss, -i)
+        if best is None or key > best[0]:
+            best = (key, value, merged)
+    assert best is not None
+    ctx.notes.update({"tuned": param, param: best[1], "grid": [list(s) for s in scores],
+                      "criterion": "accuracy on the labelled victim samples, then lower loss", "samples": samples})
+    return best[2]
+
+
+def _inner(name: str) -> MergeMethod:
+    return merges.get(name)
+
+
+def _version(inner: str) -> str:
+    """This wrapper's version joined with the tuned method's, so a change to either makes new cells."""
+    return f"1+{inner}.{merges.get(inner).version}"
+
+
+@merge_method("ta-tuned", tensorwise=False, needs_data=True, labelled_param="samples", version=_version("ta"),
+              paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (λ chosen on held-out validation data)")
+def ta_tuned(base: StateDict, experts: list[StateDict], *, ctx: MergeContext, samples: int = 256) -> StateDict:
+    """Task arithmetic with λ ∈ {0.1, …, 1.0} chosen on ``samples`` labelled victim training samples."""
+    return tune(_inner("ta"), base, experts, ctx, param="lambda_", grid=TA_GRID, samples=samples)
+
+
+@merge_method("ties-tuned", tensorwise=False, needs_data=True, labelled_param="samples", version=_version("ties"),
+              paper="Yadav et al., TIES-Merging, NeurIPS 2023 (λ chosen on validation data)")
+def ties_tuned(base: StateDict, experts: list[StateDict], *, ctx: MergeContext, samples: int = 256) -> StateDict:
+    """TIES (per-tensor trim, k = 0.2) with λ ∈ {0.2, …, 2.0} chosen on ``samples`` labelled victim samples."""
+    return tune(_inner("ties"), base, experts, ctx, param="lambda_", grid=TIES_GRID, samples=samples)
+
+
+@merge_method("dare-ties-tuned", tensorwise=False, needs_data=True, labelled_param="samples",
+              version=_version("dare-ties"),
+              paper="Yu et al., Language Models are Super Mario (DARE), ICML 2024 (results over the drop rate p)")
+def dare_ties_tuned(base: StateDict, experts: list[StateDict], *, ctx: MergeContext, samples: int = 256) -> StateDict:
+    """DARE-TIES with its drop rate p ∈ {0.1, 0.3, 0.5, 0.7, 0.9} chosen on ``samples`` labelled victim samples."""
+    return tune(_inner("dare-ties"), base, experts, ctx, param="p", grid=DARE_GRID, samples=samples)
+
+
+__all__ = ["DARE_GRID", "TA_GRID", "TIES_GRID", "TuningError", "dare_ties_tuned", "labelled_victim_batches",
+           "ta_tuned", "ties_tuned", "tune"]
