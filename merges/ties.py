@@ -123,7 +123,9 @@ def disjoint_merge(trimmed: torch.Tensor, sign: torch.Tensor, aggregate: str) ->
     """Aggregate, per entry, the trimmed values (stacked on dim 0) that agree with ``sign``.
 
     Mirrors ``disjoint_merge`` of the original: where the sign is still 0 (no majority either) the
-    negative entries are the ones selected, as ``torch.where(sign > 0, T > 0, T < 0)`` does.
+    negative entries are the ones selected, as ``torch.where(sign > 0, T > 0, T < 0)`` does. This and
+    `elected_sign` / `resolve_zero_signs` are the readable form; merges run `elect_and_merge`, which
+    a test pins to them.
     """
     if aggregate not in _AGGREGATES:
         raise ParamError(f"TIES parameter aggregate must be one of {', '.join(_AGGREGATES)}; got {aggregate!r}")

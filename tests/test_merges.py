@@ -21,7 +21,7 @@ from bench.suite import Batch, Expert, Suite
 from bench.weights import CheckpointError, StateDict
 from merges.adamerging import coefficient_groups, learn_coefficients, prediction_entropy
 from merges.dare import drop_and_rescale
-from merges.ties import ties_merge_global
+from merges.ties import disjoint_merge, elect_and_merge, elected_sign, resolve_zero_signs, ties_merge_global
 
 T = torch.tensor
 TENSORWISE = ["wa", "ta", "ties", "dare-ta", "dare-ties", "dare-ties-mergelm"]
@@ -272,6 +272,21 @@ def test_row_blocks_give_the_same_merge_bit_for_bit(name, integer):
             blocked = merged_tensor(method, base, experts, params, n, seed=2, block_elements=block_elements)
             assert whole.dtype == blocked.dtype and torch.equal((whole + 0.0).view(-1).view(torch.uint8),
                                                                  (blocked + 0.0).view(-1).view(torch.uint8)), (n, block_elements)
+
+
+@pytest.mark.parametrize("aggregate", ["mean", "sum", "max"])
+@pytest.mark.parametrize("majority", [None, 1.0, 0.0, -1.0])
+def test_elect_and_merge_equals_the_readable_ties_steps(aggregate, majority):
+    # Integer τ with many zeros: zero sums with and without nonzero entries, ties, all three aggregates.
+    g = torch.Generator().manual_seed(7)
+    trimmed = torch.randint(-2, 3, (3, 4000), generator=g).float() * (torch.rand(3, 4000, generator=g) < 0.6)
+    sign = elected_sign(trimmed)
+    resolve = torch.sign(sign.sum()) if majority is None else torch.tensor(majority)
+    expected = disjoint_merge(trimmed, resolve_zero_signs(sign, resolve), aggregate)
+    merged, tally, ambiguous = elect_and_merge(trimmed, aggregate, majority)
+    assert torch.equal(merged, expected) and tally == int(sign.sum())
+    zero_sum_with_values = bool(((sign == 0) & (trimmed != 0).any(dim=0)).any())
+    assert ambiguous == (majority is not None and zero_sum_with_values)
 
 
 def test_ties_trims_per_tensor_with_the_exact_threshold_in_row_blocks():
