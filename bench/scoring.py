@@ -64,6 +64,7 @@ from typing import Any
 
 import numpy as np
 
+from bench.keys import canonical
 from bench.outcomes import OutcomeError, decode
 from bench.plan import counterpart_spec, spec_id
 from bench.store import CellRecord, newest_ok
@@ -506,8 +507,8 @@ class _Index:
     """(suite, task) -> (primary metric, higher_is_better)."""
     baselines: dict[tuple[str, str, str, int], CellRecord]
     """(suite, recipe hash, victim, seed) -> newest ok baseline cell."""
-    utility: dict[tuple[str, str], CellRecord]
-    """(the utility cell's spec id) -> newest ok utility cell, keyed by its spec."""
+    utility: dict[tuple[str, str, str, int, str], CellRecord]
+    """`_utility_key` -> newest ok utility cell."""
     protected: list[CellRecord]
     """Newest ok-or-N/A protected merge cells per coordinates."""
     unprotected: list[CellRecord]
@@ -543,7 +544,7 @@ def _index(records: list[CellRecord]) -> _Index:
     newest = _newest(c for c in cells if c.kind == "merge")
     protected = [c for c in newest if c.filling == "protected" and c.status != "failed"]
     unprotected = [c for c in newest if c.filling == "unprotected" and c.status != "failed"]
-    utility = {spec_id(c.spec): c for c in newest_ok(c for c in cells if c.kind == "utility")}
+    utility = {_utility_key(c): c for c in newest_ok(c for c in cells if c.kind == "utility")}
     failed = [c for c in _newest(cells) if c.status == "failed"]
     return _Index(by_id, metric_of, baselines, utility, protected, unprotected, failed)
 
@@ -569,15 +570,13 @@ class _VictimData:
     utility_draws: np.ndarray
 
 
+def _utility_key(cell: CellRecord) -> tuple[str, str, str, int, str]:
+    """What a protected cell and the utility cell of its artifact share: suite, recipe, victim, seed, defense spec."""
+    return (cell.suite, str(cell.spec.get("recipe_hash", "")), cell.victim, cell.seed, canonical(cell.spec.get("defense")))
+
+
 def _utility_cell(ix: _Index, p: CellRecord) -> CellRecord | None:
-    spec = {k: p.spec.get(k) for k in ("suite", "recipe_hash", "victim", "seed", "defense")}
-    spec.update(kind="utility", partners=[t for t in _suite_tasks(ix, p) if t != p.victim], attack=None, merge=None)
-    return ix.utility.get(spec_id(spec))
-
-
-def _suite_tasks(ix: _Index, cell: CellRecord) -> list[str]:
-    base = ix.baselines.get((cell.suite, str(cell.spec.get("recipe_hash", "")), cell.victim, cell.seed))
-    return [cell.victim, *base.partners] if base else [cell.victim, *cell.partners]
+    return ix.utility.get(_utility_key(p))
 
 
 class _VictimScorer:
