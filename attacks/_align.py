@@ -8,7 +8,7 @@ All solves run in float64; the results are cast back to each tensor's stored dty
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -89,16 +89,3 @@ def sylvester_ridge(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, lam: floa
     lb, ub = torch.linalg.eigh(b.double())
     rotated = ua.T @ c.double() @ ub
     return ua @ (rotated / (la[:, None] + lb[None, :] + lam)) @ ub.T
-
-
-def relative_error(recovered: Mapping[str, torch.Tensor], truth: Mapping[str, torch.Tensor],
-                   keys: Iterable[str] | None = None) -> float:
-    """``‖recovered − truth‖ / ‖truth‖`` over the floating-point tensors ``keys`` (default: all of ``truth``)."""
-    num = torch.zeros((), dtype=torch.float64)
-    den = torch.zeros((), dtype=torch.float64)
-    for k in keys if keys is not None else truth:
-        if not is_mergeable(truth[k]):
-            continue
-        num += (recovered[k].double() - truth[k].double()).pow(2).sum()
-        den += truth[k].double().pow(2).sum()
-    return float(num.sqrt() / den.sqrt().clamp_min(1e-300))

@@ -6,7 +6,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from bench.artifact import Artifact
 from bench.suite import Batch, Suite
@@ -68,7 +67,3 @@ def finetune_body(suite: Suite, body: StateDict | Artifact, head: StateDict, tas
     trained = {k: v.detach().clone() for k, v in model.body.state_dict().items()}
     state = body.state if isinstance(body, Artifact) else body
     return {k: trained[k].to(v.dtype) if k in trained else v for k, v in state.items()}
-
-
-def body_parameter_names(model: nn.Module) -> list[str]:
-    return [n for n, p in model.body.named_parameters() if p.is_floating_point()]

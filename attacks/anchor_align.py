@@ -53,7 +53,7 @@ class AnchorAlignParams(AnchorSolveParams):
     'independent': Q, K, V, O each solved on its own, as the public code does (= ``anchor-align-indep``)."""
 
 
-@attacks.register("anchor-align")
+@attacks.register()
 class AnchorAlign(Attack):
     """Anchor-guided attack (AGA): solve each head's linear transform against θ_pre, match MLP units by cosine.
 
@@ -125,7 +125,7 @@ class AnchorAlign(Attack):
         return Artifact(state=state, head=artifact.head, notes=notes)
 
 
-@attacks.register("anchor-align-indep")
+@attacks.register()
 class AnchorAlignIndependent(AnchorAlign):
     """Anchor-guided attack exactly as the public AGA code solves it: Q, K, V and O each by its own least squares.
 

@@ -63,7 +63,7 @@ def project_out(grads: list[torch.Tensor], direction: list[torch.Tensor]) -> Non
         g.sub_(coef * v.to(g.dtype))
 
 
-@attacks.register("graderase")
+@attacks.register()
 class GradErase(Attack):
     """GradErase (MergeGuard §7): fine-tune the merge with gradients projected orthogonally to v = −τ_G."""
 

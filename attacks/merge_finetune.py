@@ -31,7 +31,7 @@ class MergeFinetuneParams:
     batch_size: int = 16
 
 
-@attacks.register("merge-finetune")
+@attacks.register()
 class MergeFinetune(Attack):
     """Merge, then fine-tune the merged body on k labelled victim samples (MergeBarrier Fig. 2)."""
 

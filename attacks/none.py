@@ -6,7 +6,7 @@ from bench.plugins import Attack, AttackNeeds
 from bench.registry import attacks
 
 
-@attacks.register("none")
+@attacks.register()
 class NoAttack(Attack):
     """Plain merge: no preparation of the artifact, nothing after the merge."""
 

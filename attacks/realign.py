@@ -26,7 +26,7 @@ class RealignParams:
     """Also match attention heads (and kv groups), by a similarity that per-head transforms leave unchanged."""
 
 
-@attacks.register("realign")
+@attacks.register()
 class Realign(Attack):
     """Permutation re-alignment: Git Re-Basin weight matching of the artifact to a reference model.
 

@@ -47,7 +47,7 @@ class Unit:
     """Logical tensor names (q, k, ... for attention; state keys for an MLP)."""
 
 
-@attacks.register("revert-to-base")
+@attacks.register()
 class RevertToBase(Attack):
     """Revert-to-base: modules the artifact changed go back to θ_pre; everything else is merged as released.
 
@@ -128,7 +128,7 @@ class RevertToBase(Attack):
         return ""
 
 
-@attacks.register("revert-attention")
+@attacks.register()
 class RevertAttention(RevertToBase):
     """Revert-to-base restricted to attention: Q/K and V/O branches go back to θ_pre, the rest is kept."""
 
@@ -137,7 +137,7 @@ class RevertAttention(RevertToBase):
     scope = "attention"
 
 
-@attacks.register("revert-ffn")
+@attacks.register()
 class RevertFFN(RevertToBase):
     """Revert-to-base restricted to the feed-forward (or CNN channel) blocks: they go back to θ_pre."""
 

@@ -24,7 +24,7 @@ class ScaleDivisionParams:
     """'least_squares': ⟨W', W_pre⟩/‖W_pre‖² per scaled slice; 'median_ratio': median of W'/W_pre (MergeBarrier eq. 36)."""
 
 
-@attacks.register("scale-division")
+@attacks.register()
 class ScaleDivision(Attack):
     """Scale division: undo per-dimension Q/K and V/O scaling using θ_pre (MergeBarrier appendix D).
 

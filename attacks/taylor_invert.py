@@ -37,7 +37,7 @@ class TaylorInvertParams:
             raise ParamError("taylor-invert needs search_radius > 0 and grid_points >= 3")
 
 
-@attacks.register("taylor-invert")
+@attacks.register()
 class TaylorInvert(Attack):
     """Taylor inversion (TaylorAttack): solve each neuron's expansion point, sign and down column from its coefficients.
 

@@ -34,7 +34,7 @@ def unmask_lambda(ctx: AttackContext, given: float | None) -> float:
     return 0.3
 
 
-@attacks.register("unmask")
+@attacks.register()
 class Unmask(Attack):
     """Unmask (MergeGuard §7): merged − λ(θ̂_def − θ_pre), λ the merge's coefficient."""
 

@@ -1,17 +1,14 @@
-"""What a defender releases: a state dict, plus a variant tag when the structure changed."""
+"""What a defender releases: a state dict, plus a variant tag when the structure changed.
+
+The modules that run a variant (`bench.families.family.Variant`) live with the family that builds
+modules, so this module depends on nothing but weight hashing.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
 
-from torch import nn
-
-from bench.registry import Registry
 from bench.weights import StateDict, state_hash
-
-if TYPE_CHECKING:
-    from bench.families.family import Family
 
 
 @dataclass
@@ -37,12 +34,3 @@ class Artifact:
     def structure_changed(self) -> bool:
         return self.variant is not None
 
-
-class Variant(Protocol):
-    """Runs an artifact whose structure the standard module cannot hold."""
-
-    def install(self, module: nn.Module, artifact: Artifact, family: Family) -> None:
-        """Load ``artifact.state`` into ``module``, replacing what the standard structure cannot run."""
-
-
-variants: Registry = Registry("module variant")

@@ -17,23 +17,24 @@ from pathlib import Path
 from typing import Any
 
 from bench.artifact import Artifact
-from bench.checkpoint_io import check_out_parent, copy_side_files, write_sharded
+from bench.checkpoint_data import data_suite, fit_probe_head
+from bench.checkpoint_io import (
+    Checkpoint,
+    check_out_parent,
+    copy_side_files,
+    read_checkpoint,
+    release_variant,
+    resolve_family,
+    split_body,
+    write_sharded,
+)
 from bench.families.family import Family
+from bench.no_data import NO_DATA_TASK
 from bench.plan import make_attacks, make_merge
 from bench.plugins import Attack, AttackContext, CompositeAttack
-from bench.protect import Checkpoint, data_suite, fit_probe_head, read_checkpoint, resolve_family, split_body
 from bench.runner import peak_rss_mb
 from bench.store import strict_json
 from bench.weights import CheckpointError, StateDict, assert_finite, is_mergeable, state_hash
-
-VARIANT_KEY = "mergearena.variant"
-
-
-def _variant(ckpt: Checkpoint) -> str | None:
-    tags = {m.get(VARIANT_KEY) for m in ckpt.metadata.values()} - {None}
-    if len(tags) > 1:
-        raise CheckpointError(f"{ckpt.path}: files disagree on the release variant ({', '.join(sorted(tags))})")
-    return next(iter(tags), None)
 
 
 def _artifact_body(ckpt: Checkpoint, family: Family, base: StateDict, variant: str | None) -> tuple[StateDict, str]:
@@ -69,16 +70,16 @@ def attack_checkpoint(attack: str | Sequence[str], artifact_path: str | os.PathL
     except CheckpointError:  # θ_pre given as a bare .safetensors file: the release's config.json says the family
         fam = resolve_family(art_ckpt, family)
     base, _ = split_body(base_ckpt, fam)
-    variant = _variant(art_ckpt)
+    variant = release_variant(art_ckpt)
     body, prefix = _artifact_body(art_ckpt, fam, base, variant)
     partner_bodies = [split_body(read_checkpoint(p), fam)[0] for p in partners]
     needs = atk.needs()
     if variant and not atk.restores_structure:
         raise CheckpointError(f"the release is a {variant!r} variant; attack {atk.name!r} cannot restore the standard structure "
                               "(use revert-to-base or taylor-invert first)")
-    if merge is None and any(type(s).finish is not Attack.finish for s in steps):
+    if merge is None and atk.has_finish():
         raise ValueError(f"attack {atk.name!r} acts after the merge; pass --merge (and --partner) to run it")
-    suite, task = None, "checkpoint"
+    suite, task = None, NO_DATA_TASK
     if needs.labelled or needs.unlabelled or needs.finetune_steps:
         suite, task, _ = data_suite(data, atk.name, fam, base, {k: v for k, v in body.items() if k in base} if variant else body,
                                     Path(artifact_path))

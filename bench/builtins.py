@@ -1,13 +1,14 @@
 """Index of the built-in plugins, registered lazily: a module is imported only when its plugin is used.
 
 One line per plugin; a new built-in adds its line here (third-party plugins use the
-``mergearena.plugins`` entry-point group instead).
+``mergearena.plugins`` entry-point group instead). The name on each line must be the plugin's own
+``name``: the registry checks it when the module is first imported.
 """
 
 from __future__ import annotations
 
-from bench.artifact import variants
-from bench.registry import attacks, defenses, families, merges, suites
+from bench.families.family import variants
+from bench.registry import attacks, defenses, families, file_suites, merges, suites
 
 # ---- defenses
 defenses.register_lazy("none", "defenses.none:NoDefense")
@@ -59,6 +60,9 @@ suites.register_lazy("clip-vit-b32-ta8", "tasks.clip_ta8:ClipViTB32TA8")
 suites.register_lazy("clip-vit-l14-ta8", "tasks.clip_ta8:ClipViTL14TA8")
 suites.register_lazy("sd15-styles", "tasks.sd15_styles:SD15Styles")
 
+# ---- suites read from a data file (`bench protect|attack --data FILE`), by format
+file_suites.register_lazy("jsonl", "tasks.jsonl_text:JsonlTextSuite")
+
 # ---- architecture families
 families.register_lazy("bert", "bench.families.bert:BertFamily")
 families.register_lazy("efficientnet", "bench.families.efficientnet:EfficientNetFamily")
@@ -70,4 +74,4 @@ families.register_lazy("unet", "bench.families.unet:UNetFamily")
 # ---- module variants (structure-changed releases)
 variants.register_lazy("taylor-ffn", "defenses.taylor:TAYLOR_FFN")
 
-__all__ = ["attacks", "defenses", "families", "merges", "suites", "variants"]
+__all__ = ["attacks", "defenses", "families", "file_suites", "merges", "suites", "variants"]

@@ -1,7 +1,15 @@
-"""Checkpoint-level merging for `bench merge`: Hugging Face directories or `.safetensors` files,
-read lazily and merged tensor by tensor (a large tensor in row blocks), each block written straight
-to its place in the output shards, so peak memory is a few blocks rather than a few models or a
-shard (`bench.outofcore`; mergekit's out-of-core pattern, without its whole-shard buffer)."""
+"""Checkpoints on disk: Hugging Face directories (sharded or not) or ``.safetensors`` files.
+
+Reading (`read_checkpoint`, `resolve_family`, `split_body`): every tensor with the shard it came
+from, the family its ``config.json`` describes, and the body of that family under its key prefix;
+what `bench protect` and `bench attack` start from. A structure-changed release carries its variant
+in each file's metadata under `VARIANT_KEY` (`release_variant`).
+
+Merging (`merge_checkpoints`, for `bench merge`): read lazily and merged tensor by tensor (a large
+tensor in row blocks), each block written straight to its place in the output shards, so peak
+memory is a few blocks rather than a few models or a shard (`bench.outofcore`; mergekit's
+out-of-core pattern, without its whole-shard buffer).
+"""
 
 from __future__ import annotations
 
@@ -12,18 +20,24 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from bench.families.family import Family
+from bench.families.hf import body_shapes, detect_family, select_body
 from bench.outofcore import BLOCK_ELEMENTS, Block, ShardWriter, output_layout, tensorwise_blocks
 from bench.params import params_dict
 from bench.registry import merges
 from bench.weights import (
     CheckpointError,
     FiniteChecked,
+    StateDict,
     check_finite_tensor,
+    is_mergeable,
+    load_state,
     open_checkpoint,
     quick_finite,
     read_metadata,
@@ -31,6 +45,95 @@ from bench.weights import (
 )
 
 SHARD_BYTES = 2 * 1024**3
+VARIANT_KEY = "mergearena.variant"
+"""Safetensors metadata key of a structure-changed release: the name of the variant that runs it."""
+
+
+# ---------------------------------------------------------------- reading checkpoints
+
+
+@dataclass
+class Checkpoint:
+    """A checkpoint read into memory: every tensor, the file each came from, and each file's metadata."""
+
+    path: Path
+    tensors: StateDict
+    files: dict[str, str]
+    """Tensor name -> name of the safetensors file that holds it."""
+    metadata: dict[str, dict[str, str]]
+    """File name -> that file's safetensors metadata."""
+
+    @property
+    def is_dir(self) -> bool:
+        return self.path.is_dir()
+
+
+def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
+    """Every tensor of a Hugging Face directory or a ``.safetensors`` file, with its shard of origin."""
+    path = Path(path)
+    open_checkpoint(path)  # one clear error for a missing path, pickled-only weights or a corrupt file
+    shards = [path] if path.is_file() else sorted(path.glob("*.safetensors"))
+    tensors: StateDict = {}
+    files: dict[str, str] = {}
+    metadata: dict[str, dict[str, str]] = {}
+    for shard in shards:
+        part = load_state(shard)
+        tensors.update(part)
+        files.update(dict.fromkeys(part, shard.name))
+        metadata[shard.name] = read_metadata(shard)
+    return Checkpoint(path, tensors, files, metadata)
+
+
+def release_variant(checkpoint: Checkpoint) -> str | None:
+    """The variant a release's files are tagged with (`VARIANT_KEY`), or None for a standard checkpoint."""
+    tags = {m.get(VARIANT_KEY) for m in checkpoint.metadata.values()} - {None}
+    if len(tags) > 1:
+        raise CheckpointError(f"{checkpoint.path}: files disagree on the release variant ({', '.join(sorted(tags))})")
+    return next(iter(tags), None)
+
+
+def resolve_family(checkpoint: Checkpoint, family: str | Family | None) -> Family:
+    """The checkpoint's family: given as an object, or detected from its ``config.json`` (checked against a given name)."""
+    if isinstance(family, Family):
+        return family
+    config = _config_path(checkpoint.path)
+    if config is None:
+        raise CheckpointError(
+            f"{checkpoint.path}: no config.json to read the architecture from; pass a Hugging Face model directory "
+            "or put the model's config.json beside the .safetensors file"
+        )
+    detected, _ = detect_family(config)
+    if family is not None and family != detected.name:
+        raise CheckpointError(f"{config} describes a {detected.name!r} model, not {family!r}; drop --family or fix it")
+    return detected
+
+
+def _config_path(path: Path) -> Path | None:
+    config = path / "config.json" if path.is_dir() else path.parent / "config.json"
+    return config if config.is_file() else None
+
+
+def body_prefix(keys: Mapping[str, Any], family: Family) -> str:
+    """The key prefix under which ``family``'s body sits in a checkpoint (``""``, ``"bert."``, ...)."""
+    body = sorted(body_shapes(family), key=len, reverse=True)
+    probe = body[0]
+    candidates = sorted({k[: len(k) - len(probe)] for k in keys if k.endswith(probe)}, key=len)
+    for prefix in candidates:
+        if all(prefix + k in keys for k in body):
+            return prefix
+    raise CheckpointError(
+        f"checkpoint does not hold a {family.name} body of this configuration (no tensor named like {probe!r})"
+    )
+
+
+def split_body(checkpoint: Checkpoint, family: Family) -> tuple[StateDict, str]:
+    """(body keyed by body key, in float32 where floating, key prefix)."""
+    prefix = body_prefix(checkpoint.tensors, family)
+    body = select_body(checkpoint.tensors, family, prefix)
+    return {k: v.float() if is_mergeable(v) else v for k, v in body.items()}, prefix
+
+
+# ---------------------------------------------------------------- writing checkpoints
 
 
 def write_sharded(tensors: Iterable[tuple[str, torch.Tensor]], out: str | os.PathLike, *, shard_bytes: int = SHARD_BYTES,

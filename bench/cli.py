@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 import uuid
@@ -129,6 +130,10 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
+    if args.name == "protocol":
+        return _show_protocol(args.item or "standard")
+    if args.item:
+        raise UserError(f"bench show {args.name} {args.item}: only `bench show protocol NAME` takes a second word")
     found = False
     for kind in ("defense", "attack", "merge", "suite", "family"):
         if args.name in _registry(kind):
@@ -147,7 +152,83 @@ def cmd_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _show_protocol(name: str) -> int:
+    from tabulate import tabulate
+
+    from bench.protocol import coverage, get_protocol
+
+    protocol = get_protocol(name)
+    d = protocol.describe()
+    print(f"protocol {d['name']} (version {d['version']}): {d['description']}")
+    print(f"broken: held-out recovered >= {d['break_threshold']} on a victim; then the later steps skip that "
+          f"(defense, victim)")
+    print(f"replicates: seeds {','.join(map(str, d['seeds']))}, partners '{d['partners']}'; budget: "
+          + ", ".join(f"{k} {v}" for k, v in d["budget"].items()))
+    print("params: " + ("; ".join(f"{plugin}.{k}={v}" for plugin, kv in d["params"].items() for k, v in kv.items()) or "-"))
+    print(tabulate([[s["index"] + 1, s["group"], s["attack"], s["merge"], s["evaluate"]] for s in d["steps"]],
+                   headers=["step", "group", "attack", "merge", "evaluates"], tablefmt="github"))
+    gaps = [name for name, step in coverage(protocol) if not step]
+    print("standard attacks and merge methods no step covers: " + (", ".join(gaps) if gaps else "none"))
+    return 0
+
+
+def _run_protocol(args: argparse.Namespace) -> int:
+    """`bench run --protocol NAME`: the protocol fixes attacks, merges, seeds, partners and budget."""
+    from bench.executors.local import run_local
+    from bench.protocol import get_protocol, protocol_defenses, run_protocol, scope, signal, stage_profile
+    from bench.report import profile_table, protocol_table, signal_table
+    from bench.runner import environment
+    from bench.scoring import score
+    from bench.store import Store, check_store_path
+
+    fixed = {"--attack": args.attack, "--merge": args.merge, "--seeds": args.seeds, "--partners": args.partners,
+             "--evaluate": args.evaluate, "--victims": args.victims}
+    given = [flag for flag, value in fixed.items() if value is not None] + (["--param"] if args.param else [])
+    if given:
+        raise UserError(f"{', '.join(given)}: the protocol fixes these; see `bench show protocol {args.protocol}`")
+    if args.jobs < 1:
+        raise UserError(f"--jobs {args.jobs}: expected at least 1 worker process")
+    protocol = get_protocol(args.protocol)
+    names = protocol_defenses(args.defense)
+    suite_names = [s.strip() for s in args.suite.split(",") if s.strip()]
+    check_store_path(Path(args.store))
+    if args.dry_run:
+        raise UserError("--dry-run with --protocol: the steps depend on earlier results; see `bench show protocol`")
+    store = Store(args.store)
+    run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
+    if args.executor == "ray":
+        from bench.executors.ray_executor import run_ray
+    store.start_run(run_id, sys.argv, {**environment(), "protocol": protocol.stamp()})
+    exit_code = 0
+    for name in suite_names:
+        suite = _make_suite(name, args.cache_dir)
+
+        def run_cells(cells, suite=suite):
+            if args.executor == "ray":
+                return run_ray(suite, store, cells, run_id=run_id, address=args.address)
+            return run_local(suite, store, cells, run_id=run_id, jobs=args.jobs)
+
+        t0 = time.time()
+        _walk, reports = run_protocol(protocol, suite, store, names, run_cells)
+        exit_code = max(exit_code, 1 if any(r.failed for r in reports) else 0)
+        records = store.cells(suite=suite.name)
+        sc = scope(records, protocol, cache_dir=args.cache_dir)
+        scores = score(sc.records, attacks=[], missing=sc.missing)
+        print(f"\n{suite.name}: protocol {protocol.name} v{protocol.version} in {time.time() - t0:.0f}s")
+        print(protocol_table(scores, sc.broken_by))
+        print(f"\nsignal (merge gain V_U − V_∅ of each victim):\n{signal_table(signal(scores, protocol, suite.name))}")
+        print(f"\nwhere the time went (cells of this suite in the store):\n{profile_table(stage_profile(sc.records, protocol))}")
+    store.finish_run(run_id)
+    return exit_code
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    if args.protocol:
+        return _run_protocol(args)
+    for flag, default in (("attack", "none"), ("merge", "all"), ("seeds", "0"), ("partners", "rest"),
+                          ("evaluate", "all"), ("defense", "none")):
+        if getattr(args, flag) is None:
+            setattr(args, flag, default)
     from bench.executors.local import run_local
     from bench.plan import build_plan, parse_param_args
     from bench.plugins import AttackNeeds
@@ -238,9 +319,19 @@ def cmd_results(args: argparse.Namespace) -> int:
                        for f in ("unprotected", "counterfactual")}
             records = [r for r in context if r.cell_id in chosen or r.kind == "baseline"]
         if args.scores:
-            from bench.scoring import format_table, score
+            from bench.report import format_table
+            from bench.scoring import score
 
-            print(format_table(score(records)))
+            if args.protocol == "none":  # ad hoc: complete means every attack the installed plugins declare
+                from bench.plan import standard_attacks
+
+                scores = score(records, attacks=standard_attacks())
+            else:
+                from bench.protocol import get_protocol, scope
+
+                sc = scope(records, get_protocol(args.protocol), cache_dir=None)
+                scores = score(sc.records, attacks=[], missing=sc.missing)
+            print(format_table(scores))
         else:
             print(to_format(records, args.format))
     return 0
@@ -327,22 +418,52 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from bench.protocol import get_protocol
     from bench.store import Store
     from leaderboard import export as lb_export
     from leaderboard import site as lb_site
 
-    if args.action in ("export", "build") and not Path(args.store).is_file():
-        raise UserError(f"no results store at {args.store}; run `bench run` first or pass --store")
-    if args.action == "export":
-        with Store(args.store) as store:
-            files = lb_export.export(store, Path(args.out))
-        print(f"wrote {len(files)} files to {args.out}")
+    protocol = None if args.protocol == "none" else get_protocol(args.protocol)
+    store_path = args.store if args.store is not None else (default_store() if args.action == "export" else None)
+    if store_path is not None and args.action != "import" and not Path(store_path).is_file():
+        raise UserError(f"no results store at {store_path}; run `bench run` first or pass --store")
+    if args.with_shipped and store_path is None:
+        raise UserError("--with-shipped adds the shipped results to a store's: pass --store too")
+    shipped = (lb_export.SHIPPED / "manifest.json").is_file()
+    if args.with_shipped and not shipped:
+        print(f"bench: no shipped results in {lb_export.SHIPPED}; using the store alone", file=sys.stderr)
+    with_shipped = args.with_shipped and shipped
+    if args.action == "build" and store_path is None and not shipped:
+        raise UserError(f"no shipped results in {lb_export.SHIPPED} and no --store: run `bench run --protocol "
+                        "standard` and pass --store")
+    if args.action == "import":
+        if store_path is None:
+            raise UserError("import writes the shipped cells into a store: pass --store")
+        records, runs = lb_export.cells_of_export(args.source or lb_export.SHIPPED)
+        with Store(store_path) as store:
+            for run_id, env in sorted(runs.items()):
+                store.import_run(run_id, env)
+            added = sum(store.put_cell(r) for r in records)
+        print(f"imported {added} of {len(records)} published cells into {store_path} "
+              f"(a protocol run on this store now skips them)")
+    elif args.action == "export":
+        out = Path(args.out) if args.out else lb_export.SHIPPED
+        source = lb_export.combine(lb_export.SHIPPED, store_path) if with_shipped else store_path
+        files = lb_export.export(source, out, protocol=protocol)
+        print(f"wrote {len(files)} files to {out}")
     elif args.action == "build":
-        with Store(args.store) as store:
-            index = lb_site.build_site(store, Path(args.out))
+        out = Path(args.out or "site")
+        if store_path is None:  # the results that ship with the repository, as published
+            index = lb_site.build_site(lb_export.SHIPPED, out)
+        else:
+            staging = out / ".export"
+            source = lb_export.combine(lb_export.SHIPPED, store_path) if with_shipped else store_path
+            lb_export.export(source, staging, protocol=protocol)
+            index = lb_site.build_site(staging, out)
+            shutil.rmtree(staging, ignore_errors=True)
         print(f"site written: {index}")
     else:
-        lb_site.serve(Path(args.out), args.port)
+        lb_site.serve(Path(args.out or "site"), args.port)
     return 0
 
 
@@ -370,15 +491,19 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run the cross-product defense x attack x merge x task",
                        description="Plan and run cells; finished cells in the store are skipped, so a killed run resumes.")
     r.add_argument("--suite", default=DEFAULT_SUITE, help="suite name(s), comma list or 'all' (default text-minilm)")
-    r.add_argument("--defense", default="none", help="defense(s): comma list or 'all' (none is always included)")
-    r.add_argument("--attack", default="none", help="attack(s): comma list, A+B composites, or 'all' (none is always included)")
-    r.add_argument("--merge", default="all", help="merge method(s): comma list or 'all'")
+    r.add_argument("--protocol", default=None, metavar="NAME",
+                   help="run a fixed protocol (e.g. standard: `bench show protocol standard`) for --defense (default "
+                        "every registered defense); it fixes attacks, merges, seeds, partners and budget")
+    r.add_argument("--defense", default=None, help="defense(s): comma list or 'all' (none is always included; default none, "
+                                                   "or all with --protocol)")
+    r.add_argument("--attack", default=None, help="attack(s): comma list, A+B composites, or 'all' (none is always included; default none)")
+    r.add_argument("--merge", default=None, help="merge method(s): comma list or 'all' (default all)")
     r.add_argument("--victims", default=None, help="restrict victim tasks (comma list; default every task)")
-    r.add_argument("--partners", default="rest", choices=["rest", "pairs"], help="merge the victim with all other tasks (rest) or one at a time (pairs)")
-    r.add_argument("--evaluate", default="all", choices=["all", "victim"],
+    r.add_argument("--partners", default=None, choices=["rest", "pairs"], help="merge the victim with all other tasks (rest, the default) or one at a time (pairs)")
+    r.add_argument("--evaluate", default=None, choices=["all", "victim"],
                    help="evaluate merged models on every merged task (partner side effects) or on the victim only "
                         "(cheaper sweeps; the unprotected plain-merge reference cells still evaluate every task)")
-    r.add_argument("--seeds", default="0", help="comma list of seeds (defense randomness, DARE, attacks)")
+    r.add_argument("--seeds", default=None, help="comma list of seeds (defense randomness, DARE, attacks; default 0)")
     r.add_argument("--param", action="append", default=[], metavar="PLUGIN.KEY=VALUE", help="plugin parameter, e.g. ta.lambda_=0.5 (repeatable)")
     r.add_argument("--jobs", type=int, default=1, help="worker processes (local executor)")
     r.add_argument("--executor", default="local", choices=["local", "ray"], help="where cells run")
@@ -395,8 +520,9 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("kind", nargs="?", help="defense, attack, merge, suite or family")
     ls.set_defaults(func=cmd_list)
 
-    sh = sub.add_parser("show", help="show a plugin's documentation and parameters")
-    sh.add_argument("name")
+    sh = sub.add_parser("show", help="show a plugin's documentation and parameters, or a protocol (`show protocol standard`)")
+    sh.add_argument("name", help="a plugin name, or 'protocol'")
+    sh.add_argument("item", nargs="?", help="with 'protocol': its name (default standard)")
     sh.set_defaults(func=cmd_show)
 
     res = sub.add_parser("results", help="print stored results",
@@ -408,6 +534,9 @@ def build_parser() -> argparse.ArgumentParser:
     res.add_argument("--defense")
     res.add_argument("--attack")
     res.add_argument("--scores", action="store_true", help="print utility, worst-case security and the best attack per defense")
+    res.add_argument("--protocol", default="standard",
+                     help="with --scores: score the cells of this protocol ('none': every cell, complete against "
+                          "every registered attack)")
     common(res, cache=False)
     res.set_defaults(func=cmd_results)
 
@@ -461,11 +590,22 @@ def build_parser() -> argparse.ArgumentParser:
     va.add_argument("--seed", type=int, default=0)
     va.set_defaults(func=cmd_validate)
 
-    lb = sub.add_parser("leaderboard", help="export results as JSON, build the static site, or serve it")
-    lb.add_argument("action", choices=["export", "build", "serve"])
-    lb.add_argument("--out", default="site", help="output directory")
+    lb = sub.add_parser("leaderboard", help="export results as JSON, build the static site, or serve it",
+                        description="export: score a store under a protocol and write the published JSON (default "
+                                    "into the repository's leaderboard/data). build: render the site from the "
+                                    "shipped data (no --store), from a store (--store), or from both (--store S "
+                                    "--with-shipped). serve: serve a built site. import: copy the published cells "
+                                    "into a store, so a protocol run continues from them.")
+    lb.add_argument("action", choices=["export", "build", "serve", "import"])
+    lb.add_argument("--from", dest="source", default=None,
+                    help="import: the export directory whose cells go into --store (default the shipped data)")
+    lb.add_argument("--out", default=None, help="output directory (export: leaderboard/data; build and serve: site)")
     lb.add_argument("--port", type=int, default=8000)
-    common(lb, cache=False)
+    lb.add_argument("--store", default=None, help=f"results database (export: default ${STORE_ENV} or "
+                                                   "./mergearena-results.sqlite; build: none, the shipped data)")
+    lb.add_argument("--with-shipped", action="store_true", help="add the shipped results to the store's")
+    lb.add_argument("--protocol", default="standard", help="score under this protocol ('none': every stored cell, "
+                                                          "against every registered attack)")
     lb.set_defaults(func=cmd_leaderboard)
 
     rp = sub.add_parser("reproduce", help="check a suite's no-defense baselines against its lineage's published table")

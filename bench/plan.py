@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
+from bench.families.base import ArchitectureMap
 from bench.merging import MergeMethod, merge_method_by_name
 from bench.params import params_dict, parse_params
 from bench.plugins import DEFAULT_BUDGET, Attack, AttackNeeds, CompositeAttack, Defense
@@ -107,18 +108,17 @@ class Cell:
         }
         if self.kind == "merge":
             spec["filling"] = self.filling
-            if self.filling == "protected" and not self.evaluate_partners:
+            if self.filling != "counterfactual" and not self.evaluate_partners:
                 spec["evaluate"] = "victim"  # a different measurement, so a different cell
         return spec
 
     @property
     def evaluated_tasks(self) -> tuple[str, ...]:
         """Tasks the merged model is evaluated on: the counterfactual only on the victim (it is the floor
-        of the victim's score); the unprotected filling on every task (the partners' reference)."""
+        of the victim's score); the protected and unprotected fillings on every task (the partners' side
+        effect and its reference) unless the plan evaluates the victim only."""
         if self.filling == "counterfactual":
             return (self.victim,)
-        if self.filling == "unprotected":
-            return (self.victim, *self.partners)
         return (self.victim, *self.partners) if self.evaluate_partners else (self.victim,)
 
     @property
@@ -130,7 +130,8 @@ def counterpart_spec(spec: dict[str, Any], filling: Filling) -> dict[str, Any]:
     """The spec of the merge cell that runs the same pipeline as ``spec`` (suite, recipe, victim, partners,
     attack and merge with their params and versions, seed) with ``filling`` in the victim's slot. The
     unprotected and counterfactual fillings carry no defense and are evaluated as `Cell.evaluated_tasks`
-    says, so one such cell serves every defense."""
+    says, so one such cell serves every defense; a protected cell evaluated on the victim only is read
+    against an unprotected cell evaluated the same way."""
     if spec.get("kind") != "merge":
         raise ValueError(f"only merge cells have counterparts; this is a {spec.get('kind')!r} cell")
     if filling not in FILLINGS:
@@ -138,7 +139,7 @@ def counterpart_spec(spec: dict[str, Any], filling: Filling) -> dict[str, Any]:
     out = {k: v for k, v in spec.items() if k not in ("defense", "evaluate", "filling")}
     out["defense"] = None if filling != "protected" else spec.get("defense")
     out["filling"] = filling
-    if filling == "protected" and "evaluate" in spec:
+    if filling != "counterfactual" and "evaluate" in spec:
         out["evaluate"] = spec["evaluate"]
     return out
 
@@ -149,19 +150,14 @@ def spec_id(spec: dict[str, Any]) -> str:
 
 
 def attack_label(attack: Attack) -> str:
-    """The attack's name, with its swept parameters when it is one point of a sweep."""
-    label = getattr(attack, "label", None)
-    return label if isinstance(label, str) and label else attack.name
+    """The attack's name, with its swept parameters when it is one point of a sweep (`Attack.label`)."""
+    return attack.label
 
 
 @dataclass
 class Plan:
     suite: Suite
     cells: list[Cell] = field(default_factory=list)
-
-    @property
-    def runnable(self) -> list[Cell]:
-        return [c for c in self.cells if not c.na_reason]
 
     @property
     def not_applicable(self) -> list[Cell]:
@@ -198,17 +194,14 @@ def make_attacks(name: str, params: Mapping[str, Mapping[str, str]] | None = Non
         return [CompositeAttack(steps)]
     cls = attacks.get(name)
     given = _overrides(params, name)
-    sweep: Mapping[str, Sequence[Any]] = getattr(cls, "sweep", {}) or {}
-    sweep = {k: v for k, v in sweep.items() if k not in given}
+    sweep = {k: v for k, v in cls.sweep.items() if k not in given}
     if not sweep:
         return [cls.from_overrides(given)]
     out = []
     keys = sorted(sweep)
     for values in itertools.product(*(sweep[k] for k in keys)):
         point = dict(zip(keys, values))
-        attack = cls(parse_params(cls.Params, {**given, **point}))
-        attack.label = f"{name}[{','.join(f'{k}={v}' for k, v in point.items())}]"
-        out.append(attack)
+        out.append(cls(parse_params(cls.Params, {**given, **point}), sweep_point=point))
     return out
 
 
@@ -216,7 +209,7 @@ def standard_attacks() -> list[str]:
     """Every registered attack plus the composites the attack modules declare as standard."""
     names = list(attacks.names())
     for n in list(names):
-        for composite in getattr(attacks.get(n), "standard_composites", ()) or ():
+        for composite in attacks.get(n).standard_composites:
             # a composite is standard only when every step is registered
             if composite not in names and all(part in attacks for part in composite.split("+")):
                 names.append(composite)
@@ -240,9 +233,9 @@ def partner_sets(tasks: Sequence[str], victim: str, mode: PartnerMode) -> list[t
     raise ValueError(f"unknown partner mode {mode!r}; use 'rest' or 'pairs'")
 
 
-def defense_applicability(defense: Defense, features: frozenset[str]) -> str:
+def defense_applicability(defense: Defense, arch: ArchitectureMap) -> str:
     """Why a defense cannot act on a suite's architecture, or '' when it can."""
-    missing = set(defense.applies_to) - set(features)
+    missing = arch.missing(defense.applies_to)
     if missing:
         return f"defense {defense.name} needs {', '.join(sorted(missing))}, which this architecture lacks"
     return ""
@@ -258,25 +251,25 @@ def pipeline_needs(attack: Attack, merge: MergeChoice) -> AttackNeeds:
                        finetune_steps=needs.finetune_steps, knows_defense=needs.knows_defense)
 
 
-def pipeline_applicability(attack: Attack, merge: MergeChoice, features: frozenset[str],
+def pipeline_applicability(attack: Attack, merge: MergeChoice, arch: ArchitectureMap,
                            budget: AttackNeeds) -> tuple[str, NaKind]:
     """Why an (attack, merge) pipeline cannot run on a suite whatever fills the victim's slot ('' when it can)."""
-    requires = getattr(attack, "requires_features", frozenset())
-    if set(requires) - set(features):
-        return f"attack {attack_label(attack)} needs {', '.join(sorted(set(requires) - set(features)))}", "structural"
+    missing = arch.missing(attack.requires_features)
+    if missing:
+        return f"attack {attack_label(attack)} needs {', '.join(sorted(missing))}", "structural"
     over = pipeline_needs(attack, merge).exceeds(budget)
     if over:
         return f"attack {attack_label(attack)} with merge {merge.label} " + "; ".join(over), "budget"
     return "", "structural"
 
 
-def applicability(defense: Defense, attack: Attack, merge: MergeChoice, features: frozenset[str],
+def applicability(defense: Defense, attack: Attack, merge: MergeChoice, arch: ArchitectureMap,
                   budget: AttackNeeds) -> tuple[str, NaKind]:
     """Why a (defense, attack, merge) cannot run on a suite, and the reason's kind; ('', _) when it can."""
-    reason = defense_applicability(defense, features)
+    reason = defense_applicability(defense, arch)
     if reason:
         return reason, "structural"
-    reason, kind = pipeline_applicability(attack, merge, features, budget)
+    reason, kind = pipeline_applicability(attack, merge, arch, budget)
     if reason:
         return reason, kind
     if defense.changes_structure and not attack.restores_structure:
@@ -294,8 +287,8 @@ def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: s
     merge) an unprotected and a counterfactual cell shared by every defense, plus a protected cell per
     defense other than ``none`` (whose protected filling *is* the unprotected cell). The plain merge
     (attack ``none``) is always planned: it is the honest merger's row.
-    ``evaluate="victim"`` evaluates protected merges on the victim task only (partner side effects are
-    then not measured; the unprotected cells always evaluate every task)."""
+    ``evaluate="victim"`` evaluates protected and unprotected merges on the victim task only (partner
+    side effects are then not measured)."""
     if evaluate not in ("all", "victim"):
         raise ValueError(f"evaluate must be 'all' or 'victim'; got {evaluate!r}")
     params = params or {}
@@ -313,7 +306,7 @@ def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: s
     tasks = list(victims) if victims else list(suite.tasks)
     for t in tasks:
         suite.check_task(t)
-    features = suite.arch_map().features
+    arch = suite.arch_map()
     recipe = suite.recipe_hash()
     plan = Plan(suite)
     for seed, victim in itertools.product(seeds, tasks):
@@ -322,17 +315,17 @@ def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: s
         for d in defense_objs:
             if d.name != "none":  # the unprotected expert's metric is the baseline cell's
                 plan.cells.append(Cell("utility", suite.name, recipe, victim, others, seed, d,
-                                       na_reason=defense_applicability(d, features)))
+                                       na_reason=defense_applicability(d, arch)))
         for group in partner_sets(suite.tasks, victim, partners):
             for a, m in itertools.product(attack_objs, merge_objs):
-                reason, kind = pipeline_applicability(a, m, features, budget)
+                reason, kind = pipeline_applicability(a, m, arch, budget)
                 for filling in ("unprotected", "counterfactual"):
                     plan.cells.append(Cell("merge", suite.name, recipe, victim, group, seed, None, a, m, reason,
-                                           filling=filling, na_kind=kind))
+                                           evaluate_partners=evaluate == "all", filling=filling, na_kind=kind))
                 for d in defense_objs:
                     if d.name == "none":
                         continue
-                    reason, kind = applicability(d, a, m, features, budget)
+                    reason, kind = applicability(d, a, m, arch, budget)
                     plan.cells.append(Cell("merge", suite.name, recipe, victim, group, seed, d, a, m, reason,
                                            evaluate_partners=evaluate == "all", na_kind=kind))
     return plan

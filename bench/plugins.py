@@ -1,16 +1,27 @@
 """Base classes of defenses and attacks, and the contexts the runner hands them.
 
 A defense or attack is a small class with a frozen ``Params`` dataclass, so a result row can say
-exactly what ran. Defenses declare which architecture-map features they act on (``applies_to``);
-attacks declare what they need (``needs``); the planner marks the rest N/A with a reason.
+exactly what ran. Everything the harness reads of a plugin is declared on these base classes, with
+a default and a docstring, as ART declares ``_estimator_requirements``: a plugin overrides what
+applies to it, and nothing is discovered by ``getattr`` or by catching an exception.
+
+* `Defense`: ``applies_to`` (architecture-map features), ``needs_data``, ``function_preserving``,
+  ``changes_structure``.
+* `Attack`: ``needs()`` (the threat model's budget), ``requires_features``, ``restores_structure``,
+  ``sweep``, ``standard_composites``, ``has_finish()``.
+
+Collection-valued declarations are frozen when the class is defined (a subclass may write a set,
+list or dict), so no caller can change what every instance of a plugin declares; a sweep over a
+parameter the plugin does not have fails at import.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 import torch
@@ -27,6 +38,14 @@ def seeded_generator(seed: int, *salt: object) -> torch.Generator:
     """A CPU generator seeded from ``seed`` and a salt (plugin name, tensor name): order-independent."""
     digest = hashlib.sha256(repr((seed, *salt)).encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+
+
+def _freeze(cls: type, declarations: Mapping[str, Callable[[Any], Any]]) -> None:
+    """Replace the declarations ``cls``'s own body sets by immutable values (a property is left alone)."""
+    for attr, freeze in declarations.items():
+        value = vars(cls).get(attr)
+        if value is not None and not isinstance(value, property):
+            setattr(cls, attr, freeze(value))
 
 
 class Plugin:
@@ -86,10 +105,17 @@ class Defense(Plugin):
 
     applies_to: ClassVar[frozenset[str]] = frozenset()
     """Architecture-map features the defense needs (all of them); others are N/A."""
+    needs_data: ClassVar[bool] = False
+    """Runs the model on the victim task's data (through ``ctx.suite``). Without data (`bench protect`
+    with no ``--data``, `bench validate`) such a defense is refused or N/A before it runs."""
     function_preserving: ClassVar[bool] = False
     """Claims the artifact computes exactly what the expert computes (checked on probe inputs)."""
     changes_structure: ClassVar[bool] = False
     """Releases a structure the standard module cannot run (a variant)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _freeze(cls, {"applies_to": frozenset})
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
         raise NotImplementedError(f"{type(self).__name__} must implement protect()")
@@ -155,6 +181,38 @@ class Attack(Plugin):
 
     restores_structure: ClassVar[bool] = False
     """Can take a structure-changed artifact and hand the merge a standard one."""
+    requires_features: ClassVar[frozenset[str]] = frozenset()
+    """Architecture-map features the attack acts on (all of them); on a suite without one its cells are N/A."""
+    sweep: ClassVar[Mapping[str, tuple[Any, ...]]] = MappingProxyType({})
+    """Parameter -> values: ``--attack NAME`` plans one attack per combination (a ``--param`` fixes its key),
+    each labelled with its point (`label`). Keys must be fields of ``Params``."""
+    standard_composites: ClassVar[tuple[str, ...]] = ()
+    """'+'-composites with this attack that ``--attack all`` runs too (each when all its steps are registered)."""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        _freeze(cls, {"requires_features": frozenset, "standard_composites": tuple,
+                      "sweep": lambda sweep: MappingProxyType({k: tuple(v) for k, v in sweep.items()})})
+        fields = {f.name for f in dataclasses.fields(cls.Params)}
+        unknown = sorted(set(cls.sweep) - fields)
+        if unknown:
+            raise TypeError(f"attack {cls.__name__} sweeps {', '.join(unknown)}, which its Params "
+                            f"({cls.Params.__name__}) does not have")
+        bad = [c for c in cls.standard_composites if "+" not in c]
+        if bad:
+            raise TypeError(f"attack {cls.__name__}: standard composite {bad[0]!r} is not 'a+b'")
+
+    def __init__(self, params: Any = None, *, sweep_point: Mapping[str, Any] | None = None) -> None:
+        super().__init__(params)
+        self.sweep_point: tuple[tuple[str, Any], ...] = tuple((sweep_point or {}).items())
+        """The swept values this instance runs with, in sweep order (empty unless it is one point of `sweep`)."""
+
+    @property
+    def label(self) -> str:
+        """The attack's name, with its swept values when it is one point of a sweep (``merge-finetune[samples=16]``)."""
+        if not self.sweep_point:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={v}' for k, v in self.sweep_point)}]"
 
     def needs(self) -> AttackNeeds:
         return AttackNeeds()
@@ -164,6 +222,11 @@ class Attack(Plugin):
 
     def finish(self, merged: StateDict, ctx: AttackContext) -> StateDict:
         return merged
+
+    def has_finish(self) -> bool:
+        """Whether `finish` changes the merged body: then the merge alone does not determine the result, and a
+        cached merge may not stand in for this pipeline (the one rule; a composite asks its steps)."""
+        return type(self).finish is not Attack.finish
 
 
 class CompositeAttack(Attack):
@@ -180,6 +243,13 @@ class CompositeAttack(Attack):
     @property
     def restores_structure(self) -> bool:  # type: ignore[override]
         return any(s.restores_structure for s in self.steps)
+
+    @property
+    def requires_features(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset().union(*(s.requires_features for s in self.steps))
+
+    def has_finish(self) -> bool:
+        return any(s.has_finish() for s in self.steps)
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "version": "+".join(s.version for s in self.steps),
@@ -205,7 +275,3 @@ class CompositeAttack(Attack):
             merged = s.finish(merged, ctx)
         return merged
 
-
-def with_params(plugin: Plugin, **changes: Any) -> Plugin:
-    """A copy of ``plugin`` with some params replaced."""
-    return type(plugin)(dataclasses.replace(plugin.params, **changes))

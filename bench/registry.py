@@ -2,10 +2,11 @@
 
 Recipes::
 
-    # 1. register a plugin with a decorator (aliases allowed)
+    # 1. register a plugin with a decorator: its name is the class's ``name`` (aliases allowed)
     from bench.registry import defenses
-    @defenses.register("my-defense")
-    class MyDefense(Defense): ...
+    @defenses.register()                 # or register("my-defense", "alias"): must include the class's name
+    class MyDefense(Defense):
+        name = "my-defense"
 
     # 2. register lazily, so that `import` stays cheap: the module is imported on first `get`
     defenses.register_lazy("params", "defenses.params:PaRaMS")
@@ -16,6 +17,11 @@ Recipes::
 Third-party packages register through the entry-point group ``mergearena.plugins``; each entry
 point's value is a module (or ``module:callable``) that registers its plugins when imported, so a
 plugin whose module was never imported by hand is still found by ``bench list`` and ``bench run``.
+
+A registry of plugins checks what it is given: an object of the kind's base class (a `Defense`
+subclass for `defenses`, ...), whose own ``name`` is among the names it is registered under (a lazy
+entry's name is checked when it is imported). A plugin's name is then written once, on the class,
+and a built-in's line in `bench.builtins` cannot silently point at another plugin.
 """
 
 from __future__ import annotations
@@ -44,23 +50,49 @@ class UnknownPluginError(RegistryError, KeyError):
 
 
 class Registry(Generic[T]):
-    """Named plugins of one kind; entries are objects or lazy ``"module:attr"`` placeholders."""
+    """Named plugins of one kind; entries are objects or lazy ``"module:attr"`` placeholders.
 
-    def __init__(self, kind: str) -> None:
+    ``subclass_of`` / ``instance_of`` name the kind's base class as ``"module:Class"``. It is named, not
+    imported: the modules defining the bases import this one, and a class derived from a base has that
+    base in its MRO whether or not this module imported it. A registry with a base also checks names.
+    """
+
+    def __init__(self, kind: str, *, subclass_of: str | None = None, instance_of: str | None = None) -> None:
         self.kind = kind
+        self.subclass_of, self.instance_of = subclass_of, instance_of
         self._entries: dict[str, T | str] = {}
 
     def register(self, *names: str, obj: T | None = None) -> Callable[[T], T] | T:
-        """Register ``obj`` under ``names``; without ``obj`` this is a decorator."""
-        if not names:
-            raise RegistryError(f"register a {self.kind} under at least one name")
+        """Register ``obj`` under ``names`` (none: the object's own ``name``); without ``obj`` this is a decorator."""
 
         def add(target: T) -> T:
-            for name in names:
+            self._check(target, names)
+            for name in names or (getattr(target, "name", None),):
+                if not isinstance(name, str) or not name:
+                    raise RegistryError(f"{_describe(target)} has no name; register it under a name")
                 self._add(name, target)
             return target
 
         return add if obj is None else add(obj)
+
+    def _check(self, target: object, names: tuple[str, ...]) -> None:
+        """Raise `RegistryError` unless ``target`` is of this registry's base and its name is among ``names``."""
+        if self.subclass_of:
+            if not (isinstance(target, type) and _derives(target, self.subclass_of)):
+                raise RegistryError(f"a {self.kind} must be a subclass of {self.subclass_of.replace(':', '.')}; "
+                                    f"got {_describe(target)}")
+        elif self.instance_of:
+            if not _derives(type(target), self.instance_of):
+                raise RegistryError(f"a {self.kind} must be an instance of {self.instance_of.replace(':', '.')}; "
+                                    f"got {_describe(target)}")
+        else:
+            return
+        own = getattr(target, "name", None)
+        if names and own not in names:
+            raise RegistryError(
+                f"{self.kind} {_describe(target)} is named {own!r} but registered as {', '.join(map(repr, names))}; "
+                f"make them agree (register it with no name to use its own)"
+            )
 
     def register_lazy(self, name: str, target: str) -> None:
         """Register ``"module:attr"``, imported on first use."""
@@ -95,6 +127,11 @@ class Registry(Generic[T]):
             module_name, attr = entry.split(":", 1)
             module = importlib.import_module(module_name)
             current = self._entries[name]  # importing may have registered the object itself
+            if isinstance(current, str):
+                try:
+                    self._check(getattr(module, attr), (name,))
+                except RegistryError as exc:
+                    raise RegistryError(f"{self.kind} {name!r} ({entry}): {exc}") from None
             entry = current if not isinstance(current, str) else getattr(module, attr)
             self._entries[name] = entry
         return entry
@@ -129,6 +166,11 @@ def _names(placeholder: str, obj: object) -> bool:
     return placeholder == f"{getattr(obj, '__module__', '')}:{getattr(obj, '__qualname__', '')}"
 
 
+def _derives(cls: type, base: str) -> bool:
+    """Whether ``base`` (``"module:Class"``) is in ``cls``'s MRO."""
+    return any(f"{c.__module__}:{c.__qualname__}" == base for c in cls.__mro__)
+
+
 def _describe(entry: object) -> str:
     if isinstance(entry, str):
         return entry
@@ -154,9 +196,11 @@ def discover_plugins(force: bool = False) -> None:
             loaded()
 
 
-defenses: Registry = Registry("defense")
-attacks: Registry = Registry("attack")
-merges: Registry = Registry("merge method")
-tasks: Registry = Registry("task")
-suites: Registry = Registry("suite")
-families: Registry = Registry("family")
+defenses: Registry = Registry("defense", subclass_of="bench.plugins:Defense")
+attacks: Registry = Registry("attack", subclass_of="bench.plugins:Attack")
+merges: Registry = Registry("merge method", instance_of="bench.merging:MergeMethod")
+suites: Registry = Registry("suite", subclass_of="bench.suite:Suite")
+families: Registry = Registry("family", subclass_of="bench.families.family:Family")
+file_suites: Registry = Registry("data-file suite", subclass_of="bench.suite:Suite")
+"""Suites built from a data file that a checkpoint-level command is given (``bench protect --data FILE``),
+by file format; constructed as ``cls(file, family, base, tokenizer_dir)`` (`bench.checkpoint_data`)."""

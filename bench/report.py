@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import pandas as pd
 from tabulate import tabulate
 
+from bench.scoring import DefenseScore, Scores
 from bench.store import CellRecord, newest_ok, strict_json
 
 
@@ -73,3 +75,76 @@ def to_format(records: Sequence[CellRecord], fmt: str) -> str:
         # pandas fills a cell without metrics with NaN; strict JSON writes it as null, never a bare NaN
         return strict_json(df.to_dict(orient="records"), indent=1)
     return summary_tables(records)
+
+
+def protocol_table(scores: Scores, broken_by: Mapping[tuple[str, str, str], str | None]) -> str:
+    """One row per (suite, defense) of a protocol's scores: utility, security with its interval, the step
+    that broke it on each victim where it broke, costs and flags (`bench run --protocol` prints it)."""
+    rows = []
+    for ds in sorted(scores.suites, key=lambda d: (d.suite, d.rank is None, d.rank or 0, d.defense)):
+        broke = [f"{v}: {broken_by[(ds.suite, ds.defense, v)]}" for v in ds.victims
+                 if broken_by.get((ds.suite, ds.defense, v))]
+        rows.append([ds.rank if ds.rank is not None else "-", ds.suite, ds.defense, _fmt(ds.utility),
+                     _fmt(ds.security), _fmt_ci(ds.security_ci), "; ".join(broke) or "-",
+                     _fmt(ds.protect_s, 0), _fmt(ds.attack_s, 0), ",".join(f.code for f in ds.flags)])
+    return tabulate(rows, headers=["rank", "suite", "defense", "utility", "security", "security CI", "broken by",
+                                   "protect s", "attack s", "flags"], tablefmt="github", disable_numparse=True)
+
+
+def signal_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A suite's signal: each victim's merge gain V_U − V_∅ with its interval, per merge."""
+    body = [[r["victim"], r["merge"], _fmt(r["v_unprotected"]), _fmt(r["v_counterfactual"]), _fmt(r["gain"]),
+             _fmt_ci(r["gain_ci"]), "yes" if r["informative"] else "NO", r["examples"]] for r in rows]
+    return tabulate(body, headers=["victim", "merge", "V_U", "V_∅", "gain", "gain CI", "significant", "examples"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def profile_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """Wall seconds per step group and stage (`bench.protocol.stage_profile`)."""
+    stages = ("protect", "prepare", "merge", "finish", "evaluate", "wall")
+    body = [[r["group"], r["cells"], *(f"{r[s]:.0f}" for s in stages)] for r in rows]
+    total = ["total", sum(r["cells"] for r in rows), *(f"{sum(r[s] for r in rows):.0f}" for s in stages)]
+    return tabulate([*body, total], headers=["step group", "cells", *(f"{s} s" for s in stages)],
+                    tablefmt="github", disable_numparse=True)
+
+
+def _fmt(x: float | None, digits: int = 3) -> str:
+    return "-" if x is None else f"{x:.{digits}f}"
+
+
+def _fmt_ci(ci: Sequence[float] | None) -> str:
+    return "-" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+# ---------------------------------------------------------------- the scores table (`bench results --scores`)
+
+
+TABLE_HEADERS = ("rank", "suite", "defense", "utility", "security", "security CI", "best attack", "recovered",
+                 "uninformative", "protect s", "attack s", "flags")
+
+
+def table_rows(scores: Scores, *, include_overall: bool = True) -> list[tuple[Any, ...]]:
+    """One row per (suite, defense) and, first, one per defense overall; ranked rows first in each group."""
+    groups: list[tuple[str, list[DefenseScore]]] = []
+    if include_overall:
+        groups.append(("overall", scores.overall))
+    for suite in sorted({s.suite for s in scores.suites if s.suite}):
+        groups.append((suite, [s for s in scores.suites if s.suite == suite]))
+    rows = []
+    for label, group in groups:
+        for ds in sorted(group, key=lambda d: (d.rank is None, d.rank or 0, -(d.security or 0.0), -(d.utility or 0.0), d.defense)):
+            rows.append((
+                ds.rank if ds.rank is not None else "-", label, ds.defense, _fmt(ds.utility), _fmt(ds.security),
+                _fmt_ci(ds.security_ci), f"{ds.best_attack}/{ds.best_merge}" if ds.best_attack else "-",
+                _fmt(ds.best_recovered), ",".join(ds.uninformative_victims) or "",
+                _fmt(ds.protect_s, 1), _fmt(ds.attack_s, 1), ",".join(f.code for f in ds.flags) or "",
+            ))
+    return rows
+
+
+def format_table(scores: Scores, *, include_overall: bool = True) -> str:
+    """The leaderboard as a plain-text table (what `bench leaderboard` prints)."""
+    rows = table_rows(scores, include_overall=include_overall)
+    if not rows:
+        return "no scored cells: run `bench run` first"
+    return tabulate(rows, headers=TABLE_HEADERS, disable_numparse=True)

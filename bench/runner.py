@@ -32,7 +32,7 @@ from bench.keys import ArtifactKey, EvalKey, MergeKey, canonical
 from bench.merging import MergeContext
 from bench.outcomes import Evaluation, encode
 from bench.plan import Cell
-from bench.plugins import PRESERVATION_TOLERANCE, Attack, AttackContext, CompositeAttack, DefenseContext
+from bench.plugins import PRESERVATION_TOLERANCE, AttackContext, DefenseContext
 from bench.store import CellRecord, Metric, Store
 from bench.suite import Expert, NotApplicableError, Suite
 from bench.weights import StateDict, assert_finite, save_state, state_hash
@@ -388,7 +388,7 @@ class Runner:
         heads = {m[0]: m[2] for m in members}
         tasks = cell.evaluated_tasks
         merged: StateDict | None = None
-        known = self.stages.get(merge_key) if not _has_finish(cell.attack) else None
+        known = self.stages.get(merge_key) if not cell.attack.has_finish() else None
         if known is not None and all(self.stages.get(self._eval_key(known["merged"], heads[t], t, True).digest()) is not None
                                      for t in tasks):
             merged_hash, timings["merge"], timings["finish"] = known["merged"], known["seconds"], 0.0
@@ -399,7 +399,7 @@ class Runner:
                                              seed=cell.seed)
             timings["merge"] = round(time.time() - t0, 3)
             merge_notes = dict(mctx.notes)
-            if not _has_finish(cell.attack):
+            if not cell.attack.has_finish():
                 self.stages.put(merge_key, {"merged": state_hash(merged), "seconds": timings["merge"], "notes": merge_notes})
             t0 = time.time()
             merged = cell.attack.finish(merged, ctx)
@@ -436,12 +436,6 @@ class Runner:
             prov["defense_notes"] = art.notes
             prov["flags"] = {"function_preservation": meta.get("function_preservation")}
         return metrics, prov, worked
-
-
-def _has_finish(attack: Attack) -> bool:
-    """Whether the attack changes the merged body (then the merge alone does not determine the result)."""
-    steps = attack.steps if isinstance(attack, CompositeAttack) else (attack,)
-    return any(type(s).finish is not Attack.finish for s in steps)
 
 
 # ---------------------------------------------------------------- driving a plan

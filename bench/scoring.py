@@ -46,7 +46,7 @@ Other rules (each pinned by a test in ``tests/test_scoring.py``):
   never run, when any victim's utility is below the floor, when a function-preserving claim was
   violated, or when no victim is informative. Only structural N/A reasons excuse an attack.
 * *The ``none`` defense* is the reference row: its protected filling is the unprotected cell, so it
-  recovers everything by construction and needs no other attack to be complete.
+  recovers everything by construction, needs no other attack to be complete, and is never ranked.
 * *Partner side effect* = mean over partner tasks of (merged partner metric with the protected
   victim − with the unprotected victim), sign-adjusted, from the plain merges when there are any.
 * *Costs*: protect seconds = stage ``protect``; attack seconds = stages ``prepare`` + ``finish``.
@@ -58,7 +58,7 @@ import hashlib
 import math
 import warnings
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -256,17 +256,7 @@ class Scores:
         return [v for v in self.victims if v.suite == suite and v.defense == defense]
 
 
-# ---------------------------------------------------------------- standard attack set
-
-
-def standard_attacks(explicit: Sequence[str] | None = None) -> list[str]:
-    """The attacks a complete security number must rest on: ``explicit``, else `bench.plan.standard_attacks`
-    (every registered attack plus the composites the attack modules declare standard)."""
-    if explicit is not None:
-        return sorted(dict.fromkeys(explicit))
-    from bench.plan import standard_attacks as planned
-
-    return sorted(dict.fromkeys(planned()))
+# ---------------------------------------------------------------- reading cells
 
 
 def attack_name(cell: CellRecord) -> str:
@@ -583,9 +573,10 @@ class _VictimScorer:
     """Scores one (suite, defense, victim) from its protected cells and their references."""
 
     def __init__(self, ix: _Index, suite: str, defense: str, victim: str, cells: list[CellRecord],
-                 standard: list[str], n_bootstrap: int, ci_level: float, seed: int) -> None:
+                 standard: list[str], n_bootstrap: int, ci_level: float, seed: int,
+                 required: Sequence[str] = ()) -> None:
         self.ix, self.suite, self.defense, self.victim = ix, suite, defense, victim
-        self.cells, self.standard = cells, standard
+        self.cells, self.standard, self.required = cells, standard, list(required)
         self.n_bootstrap, self.ci_level, self.seed = n_bootstrap, ci_level, seed
         self.metric, self.hib = ix.metric_of.get((suite, victim), ("", True))
         self.sign = _sign(self.hib)
@@ -670,6 +661,8 @@ class _VictimScorer:
         vs.attacks_na = {a: r for a, r in sorted(na.items()) if a not in evaluated}
         if self.defense != REFERENCE:
             absent = [a for a in self.standard if a not in evaluated and a not in vs.attacks_na]
+            for label in self.required:
+                self.missing.setdefault(label, f"protocol step {label} was never run")
             vs.attacks_missing = sorted(set(absent) | set(self.missing) | set(self.budget))
         for c in self.ix.failed:
             if (c.suite, c.victim) == (self.suite, self.victim) and (
@@ -870,16 +863,19 @@ def _function_preservation(cell: CellRecord) -> tuple[bool, float | None]:
 # ---------------------------------------------------------------- scoring
 
 
-def score(records: Iterable[CellRecord], *, attacks: Sequence[str] | None = None,
+def score(records: Iterable[CellRecord], *, attacks: Sequence[str],
           utility_floor: float = UTILITY_FLOOR, n_bootstrap: int = N_BOOTSTRAP, ci_level: float = CI_LEVEL,
-          seed: int = 0) -> Scores:
-    """Score every (suite, defense) in ``records``; ``attacks`` is the standard set (see `standard_attacks`)."""
+          seed: int = 0, missing: Mapping[tuple[str, str, str], Sequence[str]] | None = None) -> Scores:
+    """Score every (suite, defense) in ``records``. ``attacks`` is the standard set a complete entry must
+    have run (the caller decides it: a protocol's steps, or an explicit list; never the installed plugins).
+    ``missing`` adds, per (suite, defense, victim), steps a protocol needed that were never run
+    (`bench.protocol`): the entry is then incomplete, like one missing a standard attack."""
     if n_bootstrap < 1:
         raise ScoringError(f"n_bootstrap must be at least 1, got {n_bootstrap}")
     if not 0 < ci_level < 1:
         raise ScoringError(f"ci_level must lie strictly between 0 and 1, got {ci_level}")
     records = list(records)
-    standard = standard_attacks(attacks)
+    standard = sorted(dict.fromkeys(attacks))
     ix = _index(records)
     groups: dict[tuple[str, str, str], list[CellRecord]] = defaultdict(list)
     for c in ix.protected:
@@ -888,7 +884,8 @@ def score(records: Iterable[CellRecord], *, attacks: Sequence[str] | None = None
         groups[(c.suite, REFERENCE, c.victim)].append(c)
     victims, draws = [], {}
     for key in sorted(groups):
-        vs, data = _VictimScorer(ix, *key, groups[key], standard, n_bootstrap, ci_level, seed).score()
+        vs, data = _VictimScorer(ix, *key, groups[key], standard, n_bootstrap, ci_level, seed,
+                                 (missing or {}).get(key, ())).score()
         victims.append(vs)
         draws[key] = data
     suites, suite_draws = _score_suites(victims, draws, utility_floor, ci_level, n_bootstrap)
@@ -985,7 +982,9 @@ def _rank(group: list[DefenseScore]) -> None:
     rankable = []
     for ds in group:
         blocking = [f for f in ds.flags if f.code in UNRANKING]
-        if blocking:
+        if ds.defense == REFERENCE:
+            ds.unranked_reason = "the reference row: an unprotected release (shown, never ranked)"
+        elif blocking:
             ds.unranked_reason = "; ".join(f"{f.code}: {f.message}" for f in blocking)
         elif ds.security is None:
             ds.unranked_reason = "no informative victim: no security could be scored"
@@ -1061,47 +1060,3 @@ def _not_applicable(records: list[CellRecord], suites: list[DefenseScore]) -> li
         if c.kind == "merge" and c.filling == "protected" and c.status == "na" and (c.suite, c.defense) not in scored:
             reasons[(c.suite, c.defense)].add(c.reason)
     return [(s, d, "; ".join(sorted(r))) for (s, d), r in sorted(reasons.items())]
-
-
-# ---------------------------------------------------------------- the table the CLI prints
-
-
-TABLE_HEADERS = ("rank", "suite", "defense", "utility", "security", "security CI", "best attack", "recovered",
-                 "uninformative", "protect s", "attack s", "flags")
-
-
-def table_rows(scores: Scores, *, include_overall: bool = True) -> list[tuple[Any, ...]]:
-    """One row per (suite, defense) and, first, one per defense overall; ranked rows first in each group."""
-    groups: list[tuple[str, list[DefenseScore]]] = []
-    if include_overall:
-        groups.append(("overall", scores.overall))
-    for suite in sorted({s.suite for s in scores.suites if s.suite}):
-        groups.append((suite, [s for s in scores.suites if s.suite == suite]))
-    rows = []
-    for label, group in groups:
-        for ds in sorted(group, key=lambda d: (d.rank is None, d.rank or 0, _rank_key(d))):
-            rows.append((
-                ds.rank if ds.rank is not None else "-", label, ds.defense, _fmt(ds.utility), _fmt(ds.security),
-                _fmt_ci(ds.security_ci), f"{ds.best_attack}/{ds.best_merge}" if ds.best_attack else "-",
-                _fmt(ds.best_recovered), ",".join(ds.uninformative_victims) or "",
-                _fmt(ds.protect_s, 1), _fmt(ds.attack_s, 1), ",".join(f.code for f in ds.flags) or "",
-            ))
-    return rows
-
-
-def format_table(scores: Scores, *, include_overall: bool = True) -> str:
-    """The leaderboard as a plain-text table (what `bench leaderboard` prints)."""
-    from tabulate import tabulate
-
-    rows = table_rows(scores, include_overall=include_overall)
-    if not rows:
-        return "no scored cells: run `bench run` first"
-    return tabulate(rows, headers=TABLE_HEADERS, disable_numparse=True)
-
-
-def _fmt(x: float | None, digits: int = 3) -> str:
-    return "-" if x is None else f"{x:.{digits}f}"
-
-
-def _fmt_ci(ci: tuple[float, float] | None) -> str:
-    return "-" if ci is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"

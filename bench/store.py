@@ -266,14 +266,17 @@ class Store:
         with self._tx() as c:
             c.execute("UPDATE runs SET finished = ? WHERE run_id = ?", (time.time(), run_id))
 
+    def import_run(self, run_id: str, env: dict[str, Any]) -> None:
+        """Record a run made elsewhere (its cells come from a published export), unless already known."""
+        with self._tx() as c:
+            c.execute("INSERT OR IGNORE INTO runs VALUES (?, 0, 0, ?, ?)",
+                      (run_id, strict_json(["imported"]), strict_json(env, sort_keys=True)))
+
     def run_env(self, run_id: str) -> dict[str, Any]:
         row = self._conn.execute("SELECT env FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return json.loads(row[0]) if row else {}
 
     # ------------------------------------------------------------ cells
-
-    def has_cell(self, cell_id: str) -> bool:
-        return self._conn.execute("SELECT 1 FROM cells WHERE cell_id = ?", (cell_id,)).fetchone() is not None
 
     def done_cells(self, cell_ids: Iterable[str]) -> set[str]:
         """The ids among ``cell_ids`` stored as ok or structurally N/A (a failed cell is not done: runs retry

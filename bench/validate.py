@@ -2,7 +2,8 @@
 
 For each tiny family (BERT, HF CLIP vision, Llama with RoPE+GQA; open_clip's fused layout when its
 package is installed): the defense runs on an expert θ_pre + τ (τ a small seeded perturbation) or
-is reported N/A (features it needs are missing, or it needs task data); the same seed gives the same
+is reported N/A (features it needs are missing, or it declares `Defense.needs_data`; a defense that
+reads task data without declaring it fails); the same seed gives the same
 artifact; a function-preservation claim holds on probe inputs; a structure-changed release runs
 through its variant. A defense author runs this before `bench run`.
 """
@@ -15,8 +16,8 @@ from typing import Any
 import torch
 
 from bench.families.tiny import TINY_NAMES, tiny, tiny_inputs
+from bench.no_data import NO_DATA_TASK, DataRequiredError, NoDataSuite
 from bench.plugins import PRESERVATION_TOLERANCE, Defense, DefenseContext
-from bench.protect import DataRequiredError, NoDataSuite
 from bench.registry import defenses
 from bench.suite import Expert, MissingAssetError
 from bench.weights import l2_distance
@@ -57,16 +58,19 @@ def _forward(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> torch.
 def validate_on(defense: Defense, name: str, seed: int = 0) -> Check:
     family, base = tiny(name, seed=seed)
     arch = family.arch_map()
-    missing = set(defense.applies_to) - set(arch.features)
+    missing = arch.missing(defense.applies_to)
     if missing:
         return Check(name, "n/a", f"needs {', '.join(sorted(missing))}")
+    if defense.needs_data:
+        return Check(name, "n/a", "needs task data (check it with `bench run` on a suite)")
     expert = Expert(synthetic_expert(base, seed + 1), {})
-    ctx = DefenseContext(suite=NoDataSuite(family, base, defense.name), task="checkpoint", base=base, arch=arch,
+    ctx = DefenseContext(suite=NoDataSuite(family, base, defense.name), task=NO_DATA_TASK, base=base, arch=arch,
                          family=family, seed=seed)
     try:
         art = defense.protect(expert, ctx)
     except DataRequiredError:
-        return Check(name, "n/a", "needs task data (check it with `bench run` on a suite)")
+        return Check(name, "FAIL", f"reads task data but does not declare it; set needs_data = True on "
+                                   f"{type(defense).__name__}")
     again = defense.protect(expert, ctx)
     numbers: dict[str, Any] = {"distance_expert": l2_distance(expert.body, base), "distance_artifact": l2_distance(art.state, base)}
     if art.content_hash() != again.content_hash():

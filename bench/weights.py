@@ -51,11 +51,6 @@ def task_vector(expert: Mapping[str, torch.Tensor], base: Mapping[str, torch.Ten
     return {k: expert[k] - base[k] for k in base if is_mergeable(base[k])}
 
 
-def apply_task_vector(base: Mapping[str, torch.Tensor], tv: Mapping[str, torch.Tensor], scale: float = 1.0) -> StateDict:
-    """θ_base + scale·τ; tensors τ lacks are copied from the base."""
-    return {k: (v + scale * tv[k]) if k in tv else v.clone() for k, v in base.items()}
-
-
 def check_compatible(base: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], what: str = "checkpoint") -> None:
     """Raise `CheckpointError` unless ``other`` has exactly the base's tensor names and shapes."""
     missing = sorted(set(base) - set(other))
@@ -144,13 +139,6 @@ class FiniteChecked(Mapping[str, torch.Tensor]):
         if name.startswith("_"):
             raise AttributeError(name)
         return getattr(self._state, name)
-
-
-def finite_items(items: Iterable[tuple[str, torch.Tensor]], what: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """Pass ``(name, tensor)`` pairs through, raising `NonFiniteError` at the first non-finite tensor."""
-    for name, t in items:
-        check_finite_tensor(name, t, what)
-        yield name, t
 
 
 def clone(state: Mapping[str, torch.Tensor]) -> StateDict:

@@ -96,14 +96,6 @@ def make_expert(base: Mapping[str, torch.Tensor], seed: int, tv_scale: float) ->
     return {k: expert_tensor(k, v, seed, tv_scale) if v.is_floating_point() else v for k, v in base.items()}
 
 
-def count_params(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(v.numel() for v in state.values())
-
-
-def state_bytes(state: Mapping[str, torch.Tensor]) -> int:
-    return sum(v.numel() * v.element_size() for v in state.values())
-
-
 # ---------------------------------------------------------------- timing and memory
 
 

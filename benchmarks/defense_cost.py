@@ -3,7 +3,7 @@
 For each family (BERT, Llama, CLIP vision) and size, a random θ_pre and an expert
 ``θ_pre + τ`` (τ of relative size ``--tv-scale`` per tensor) are built in-process. Each data-free
 defense protects the expert through the registry (``bench.plan.make_defense``) with a
-`DefenseContext` whose suite is `bench.protect.NoDataSuite` (any data access raises), and its
+`DefenseContext` whose suite is `bench.no_data.NoDataSuite` (any data access raises), and its
 algebraic attack recovers it through ``bench.plan.make_attacks`` with an `AttackContext` on the
 same suite:
 
@@ -133,9 +133,9 @@ def norm(a: Mapping[str, torch.Tensor]) -> float:
 def measure(family: Family, family_name: str, size: str, defense_name: str, args: argparse.Namespace,
             base: dict[str, torch.Tensor], expert: dict[str, torch.Tensor]) -> list[dict[str, Any]]:
     """Protect ``expert`` with one defense, then run its attack(s) on the artifact."""
+    from bench.no_data import NoDataSuite
     from bench.plan import make_attacks, make_defense
     from bench.plugins import AttackContext, DefenseContext
-    from bench.protect import NoDataSuite
     from bench.suite import Expert
 
     arch = family.arch_map()

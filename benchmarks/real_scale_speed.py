@@ -9,7 +9,7 @@ patch 14, 224 px), ``vit-b32`` (hidden 768, 12 layers, 12 heads, FFN 3072, patch
 2. **merge**: ``ta`` and ``ties`` of the experts, tensor by tensor on the device (``MergeMethod.merge_iter``;
    the merged tensors are dropped as they come, so no merged copy is held);
 3. **protect**: each data-free defense (params, mergelock, mergebarrier-att) on expert 0, through
-   ``bench.plan.make_defense`` with a `DefenseContext` on `bench.protect.NoDataSuite`;
+   ``bench.plan.make_defense`` with a `DefenseContext` on `bench.no_data.NoDataSuite`;
 4. **attack**: the algebraic attack of each artifact (realign+scale-division on params, anchor-align on
    the others) through ``bench.plan.make_attacks``, with its relative weight error;
 5. **forward**: latency of a batch through the family's module holding θ_pre (after warm-up).
@@ -420,9 +420,9 @@ def plugin_stages(spec: SizeSpec, family: Family, base: dict, expert: dict, laye
     layers plus embeddings, final norm and head, and the map of those layers. Per-layer work (the
     matchings) then scales with depth, so the time is also given scaled to every layer.
     """
+    from bench.no_data import NoDataSuite
     from bench.plan import make_attacks, make_defense
     from bench.plugins import AttackContext, DefenseContext
-    from bench.protect import NoDataSuite
     from bench.suite import Expert
 
     full = family.arch_map()

@@ -341,7 +341,7 @@ class _MergeBarrierBase(Defense):
         return Artifact(state=state, variant=VARIANT if ffn else None, notes=notes)
 
 
-@defenses.register("mergebarrier")
+@defenses.register()
 class MergeBarrier(_MergeBarrierBase):
     """MergeBarrier: per-head orthogonal Q/K projection (exact) + Taylor-reparameterised FFNs (approximate)."""
 
@@ -349,13 +349,14 @@ class MergeBarrier(_MergeBarrierBase):
     version = "2"
     Params = MergeBarrierParams
     applies_to = frozenset({ATTENTION, MLP})
+    needs_data = True  # the Taylor FFN is calibrated on the victim's pre-activations
     changes_structure = True
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
         return self._protect(expert, ctx, attention=True, ffn=True)
 
 
-@defenses.register("mergebarrier-att")
+@defenses.register()
 class MergeBarrierAttention(_MergeBarrierBase):
     """MergeBarrier's attention projection alone (ablation MergeBarrier_Att, Table 4): function-preserving."""
 
@@ -368,7 +369,7 @@ class MergeBarrierAttention(_MergeBarrierBase):
         return self._protect(expert, ctx, attention=True, ffn=False)
 
 
-@defenses.register("mergebarrier-ffn")
+@defenses.register()
 class MergeBarrierFFN(_MergeBarrierBase):
     """MergeBarrier's FFN Taylor reparameterisation alone (ablation MergeBarrier_FFN, Table 4)."""
 
@@ -376,6 +377,7 @@ class MergeBarrierFFN(_MergeBarrierBase):
     version = "2"
     Params = FFNParams
     applies_to = frozenset({MLP})
+    needs_data = True  # the Taylor FFN is calibrated on the victim's pre-activations
     changes_structure = True
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:

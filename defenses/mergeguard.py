@@ -434,7 +434,7 @@ def adversarial_weight_negation(
 # ---------------------------------------------------------------- the defenses
 
 
-@defenses.register("mergeguard")
+@defenses.register()
 class MergeGuard(Defense):
     """MergeGuard: layer-wise L2 re-fine-tune (stage 1), then negate the top-|τ'| entries of non-critical layers (stage 2).
 
@@ -558,6 +558,7 @@ class MergeGuard(Defense):
     Params = MergeGuardParams
     paper = PAPER
     code = ""
+    needs_data = True  # stage 1 re-fine-tunes on the task; stage 2 measures on it which units the task needs
     stages: ClassVar[tuple[int, ...]] = (1, 2)
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
@@ -575,7 +576,7 @@ class MergeGuard(Defense):
         return Artifact(state=dict(body), head=released_head, notes=notes)
 
 
-@defenses.register("mergeguard-stage1")
+@defenses.register()
 class MergeGuardStage1(MergeGuard):
     """MergeGuard ablation (Table 4): density-aware fine-tuning only."""
 
@@ -585,7 +586,7 @@ class MergeGuardStage1(MergeGuard):
     stages = (1,)
 
 
-@defenses.register("mergeguard-stage2")
+@defenses.register()
 class MergeGuardStage2(MergeGuard):
     """MergeGuard ablation (Table 4): adversarial weight negation only, on the unregularised expert."""
 

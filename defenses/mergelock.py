@@ -50,7 +50,7 @@ class MergeLockParams:
                              "which almost every draw exceeds; raise max_cond or narrow the scale range")
 
 
-@defenses.register("mergelock")
+@defenses.register()
 class MergeLock(Defense):
     """MergeLock ("Model Unmerging", arXiv 2509.01548): per-head invertible maps on QK and VO, exactly function-preserving.
 

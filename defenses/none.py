@@ -8,7 +8,7 @@ from bench.registry import defenses
 from bench.suite import Expert
 
 
-@defenses.register("none")
+@defenses.register()
 class NoDefense(Defense):
     """No protection: the artifact is the expert itself (the baseline every score is relative to)."""
 

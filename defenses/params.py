@@ -48,7 +48,7 @@ class PaRaMSParams:
             raise ParamError(f"PaRaMS scaling range needs 0 < low <= high; got low={self.low}, high={self.high}")
 
 
-@defenses.register("params")
+@defenses.register()
 class PaRaMS(Defense):
     """PaRaMS (ICCV 2025): optimal MLP hidden-unit rearrangement + random per-dimension attention scaling.
 
@@ -158,7 +158,7 @@ class PaRaMSDropoutParams(PaRaMSParams):
             raise ParamError("params+dropout prunes before the rearrangement, so it needs permute=true")
 
 
-@defenses.register("params+dropout")
+@defenses.register()
 class PaRaMSDropout(PaRaMS):
     """PaRaMS with dropout-based pruning before rearrangement (a reconstruction; not function-preserving).
 

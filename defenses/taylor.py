@@ -67,8 +67,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.artifact import Artifact, variants
+from bench.artifact import Artifact
 from bench.families.base import ArchitectureMap, LayerMap, MLPMap
+from bench.families.family import variants
 from bench.weights import CheckpointError, StateDict
 
 if TYPE_CHECKING:
@@ -353,11 +354,6 @@ def taylor_prefix(layer: LayerMap) -> str:
 def standard_mlp_keys(mlp: MLPMap) -> list[str]:
     """The standard tensors a Taylor release replaces."""
     return [n for n in (mlp.up, mlp.up_bias, mlp.gate, mlp.gate_bias, mlp.down, mlp.down_bias) if n]
-
-
-def reparameterised_layers(state: StateDict, arch: ArchitectureMap) -> list[int]:
-    """Indices of the layers whose MLP ``state`` releases as a Taylor series."""
-    return [lay.index for lay in arch.mlp_layers() if taylor_prefix(lay) + "coefficients" in state]
 
 
 def check_expandable(arch: ArchitectureMap) -> list[LayerMap]:

@@ -107,7 +107,7 @@ def measure_latency(expert: Expert, artifact: Artifact, ctx: DefenseContext, par
     return {"latency_original_s": original, "latency_protected_s": protected, "latency_ratio": protected / max(original, 1e-12)}
 
 
-@defenses.register("taylormlp")
+@defenses.register()
 class TaylorMLP(Defense):
     """TaylorMLP: selected MLP neurons released as sign-obfuscated Taylor coefficients (W_down folded in)."""
 
@@ -117,6 +117,7 @@ class TaylorMLP(Defense):
              "EMNLP 2024, arXiv:2410.05331")
     code = "guanchuwang/Taylor-Unswift"
     applies_to = frozenset({MLP})
+    needs_data = True  # neurons are selected and expanded on calibration data, and latency is timed on it
     changes_structure = True
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:

@@ -24,17 +24,21 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from bench import scoring
+from bench.protocol import Protocol, Scope
 from bench.scoring import DefenseScore, PairScore, Scores, VictimScore
-from bench.store import CellRecord, Store
+from bench.store import CellRecord, Metric, Store
 
 SCHEMA_VERSION = 2
 """2: counterfactual scores: pairs carry V_P, V_U, V_∅, gain and intervals; victims their held-out worst case."""
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
+SHIPPED = Path(__file__).resolve().parent / "data"
+"""The results that ship with the repository (`bench leaderboard export` writes them, `build` reads them)."""
 DIGITS = 6
 """Scores are rounded to this many decimals: enough for any metric, stable across platforms."""
 
@@ -46,8 +50,32 @@ class ExportError(ValueError):
 # ---------------------------------------------------------------- sources
 
 
+@dataclass(frozen=True)
+class Cells:
+    """Cells gathered from several sources (the shipped export and a user's store), with their runs."""
+
+    records: list[CellRecord]
+    runs: dict[str, dict[str, Any]]
+
+
+def combine(*sources: Any) -> Cells:
+    """Cells of every source, later sources winning where a cell is in several."""
+    cells: dict[str, CellRecord] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    for source in sources:
+        if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
+            records, source_runs = cells_of_export(source)
+        else:
+            records, source_runs = load_source(source)
+        cells.update({c.cell_id: c for c in records})
+        runs.update(source_runs)
+    return Cells(list(cells.values()), runs)
+
+
 def load_source(source: Any) -> tuple[list[CellRecord], dict[str, dict[str, Any]]]:
-    """Cells and run environments from a `Store`, a path to a store file, or an iterable of `CellRecord`."""
+    """Cells and run environments from a `Store`, a path to a store file, `Cells`, or an iterable of `CellRecord`."""
+    if isinstance(source, Cells):
+        return list(source.records), dict(source.runs)
     if isinstance(source, Store):
         cells = source.cells()
         return cells, {r: source.run_env(r) for r in sorted({c.run_id for c in cells if c.run_id})}
@@ -149,9 +177,10 @@ def _pair(p: PairScore) -> dict[str, Any]:
             "na_reason": p.na_reason, "attack_s": _num(p.attack_s, 3), "partner_effect": _num(p.partner_effect)}
 
 
-def summary(ds: DefenseScore) -> dict[str, Any]:
-    """The numbers a leaderboard row shows."""
-    return {
+def summary(ds: DefenseScore, broken_by: dict[str, str | None] | None = None) -> dict[str, Any]:
+    """The numbers a leaderboard row shows; ``broken_by`` (victim -> protocol step) when a protocol ran."""
+    extra = {"broken_by": dict(sorted(broken_by.items()))} if broken_by is not None else {}
+    return {**extra,
         "utility": _num(ds.utility), "utility_ci": _ci(ds.utility_ci),
         "security": _num(ds.security), "security_ci": _ci(ds.security_ci),
         "best_attack": ds.best_attack, "best_merge": ds.best_merge, "best_recovered": _num(ds.best_recovered),
@@ -163,8 +192,9 @@ def summary(ds: DefenseScore) -> dict[str, Any]:
     }
 
 
-def _victim(vs: VictimScore) -> dict[str, Any]:
-    return {
+def _victim(vs: VictimScore, scope: Scope | None = None) -> dict[str, Any]:
+    extra = {"broken_by": scope.broken_by.get((vs.suite, vs.defense, vs.victim))} if scope is not None else {}
+    return {**extra,
         "victim": vs.victim, "metric": vs.metric, "higher_is_better": vs.higher_is_better,
         "acc_pre": _num(vs.acc_pre), "acc_ft": _num(vs.acc_ft),
         "utility": _num(vs.utility), "utility_ci": _ci(vs.utility_ci),
@@ -213,13 +243,24 @@ def _specs(own: list[CellRecord]) -> dict[str, Any]:
             "merges": {m: _plugin_specs(cs, "merge") for m, cs in sorted(by_merge.items())}}
 
 
-def _common(scores: Scores) -> dict[str, Any]:
-    return {"schema_version": SCHEMA_VERSION, "config": _clean(scores.config),
-            "standard_attacks": list(scores.standard_attacks), "metrics": scoring.METRICS}
+def _common(scores: Scores, protocol: Protocol | None = None) -> dict[str, Any]:
+    config = _clean(scores.config)
+    standard = list(scores.standard_attacks)
+    if protocol is not None:
+        config = {**config, "protocol": protocol.describe()}
+        standard = protocol.attacks()
+    return {"schema_version": SCHEMA_VERSION, "config": config, "standard_attacks": standard, "metrics": scoring.METRICS}
+
+
+def _broken_by(scope: Scope | None, ds: DefenseScore) -> dict[str, str | None] | None:
+    if scope is None or ds.suite is None:
+        return None
+    return {v: scope.broken_by.get((ds.suite, ds.defense, v)) for v in ds.victims}
 
 
 def entry_document(scores: Scores, ds: DefenseScore, cells: dict[str, CellRecord],
-                   runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+                   runs: dict[str, dict[str, Any]], protocol: Protocol | None = None,
+                   scope: Scope | None = None) -> dict[str, Any]:
     """The published JSON of one (suite, defense)."""
     victims = scores.victim_scores(ds.suite, ds.defense)
     ids = sorted({i for v in victims for i in v.cell_ids})
@@ -227,12 +268,12 @@ def entry_document(scores: Scores, ds: DefenseScore, cells: dict[str, CellRecord
     own = [c for c in used if c.kind == "merge" and c.filling == "protected" and c.defense == ds.defense and c.status == "ok"]
     run_ids = sorted({c.run_id for c in used if c.run_id})
     return {
-        **_common(scores),
+        **_common(scores, protocol),
         "suite": ds.suite, "defense": ds.defense,
         "date": iso_date(max((c.created for c in used), default=0.0)),
-        "summary": summary(ds),
+        "summary": summary(ds, _broken_by(scope, ds)),
         "recovered": [_pair(p) for p in ds.pairs],
-        "victims": [_victim(v) for v in victims],
+        "victims": [_victim(v, scope) for v in victims],
         "specs": _specs(own),
         "cells": [_cell(c) for c in used],
         "runs": {r: _clean(runs.get(r, {})) for r in run_ids},
@@ -251,11 +292,22 @@ def _stability(scores: Scores) -> list[dict[str, Any]]:
     return out
 
 
-def manifest_document(scores: Scores, records: list[CellRecord], files: list[dict[str, Any]]) -> dict[str, Any]:
-    """The published index: summaries, overall ranking, rank stability and the hash of every file."""
+def manifest_document(scores: Scores, records: list[CellRecord], files: list[dict[str, Any]],
+                      protocol: Protocol | None = None, scope: Scope | None = None) -> dict[str, Any]:
+    """The published index: summaries, overall ranking, rank stability and the hash of every file; under a
+    protocol, also the signal table of every suite (each victim's merge gain with its interval)."""
+    from bench.protocol import signal
+
     merges = [c for c in records if c.kind == "merge"]
+    extra: dict[str, Any] = {}
+    if protocol is not None:
+        extra["signal"] = {suite: [{**row, "gain": _num(row["gain"]), "gain_ci": _ci(row["gain_ci"]),
+                                    "v_unprotected": _num(row["v_unprotected"]),
+                                    "v_counterfactual": _num(row["v_counterfactual"])}
+                                   for row in signal(scores, protocol, suite)]
+                           for suite in sorted({s.suite for s in scores.suites if s.suite})}
     return {
-        **_common(scores),
+        **_common(scores, protocol), **extra,
         "date": iso_date(max((c.created for c in records), default=0.0)),
         "n_cells": len(records),
         "runs": sorted({c.run_id for c in records if c.run_id}),
@@ -264,7 +316,7 @@ def manifest_document(scores: Scores, records: list[CellRecord], files: list[dic
         "attacks": sorted({c.attack for c in merges} | set(scores.standard_attacks)),
         "merges": sorted({c.merge for c in merges}),
         "entries": [{"suite": ds.suite, "defense": ds.defense, "file": entry_path(ds.suite, ds.defense),
-                     "summary": summary(ds)} for ds in scores.suites],
+                     "summary": summary(ds, _broken_by(scope, ds))} for ds in scores.suites],
         "overall": [{"defense": ds.defense, "summary": summary(ds)} for ds in scores.overall],
         "rank_stability": _stability(scores),
         "not_applicable": [{"suite": s, "defense": d, "reason": r} for s, d, r in scores.not_applicable],
@@ -358,30 +410,46 @@ def _write(path: Path, text: str) -> None:
 
 def export(store: Any, out_dir: str | os.PathLike, *, attacks: Sequence[str] | None = None,
            utility_floor: float = scoring.UTILITY_FLOOR, n_bootstrap: int = scoring.N_BOOTSTRAP,
-           ci_level: float = scoring.CI_LEVEL, seed: int = 0) -> list[Path]:
+           ci_level: float = scoring.CI_LEVEL, seed: int = 0, protocol: Protocol | None = None) -> list[Path]:
     """Score the results in ``store`` and write the published files under ``out_dir``; returns their paths.
 
-    ``attacks`` is the standard attack set (default: `bench.scoring.standard_attacks`). Entry files
-    of (suite, defense) pairs no longer in the results are removed, so the directory mirrors the store.
+    Without ``protocol``, ``attacks`` is the standard attack set (default: every registered attack and
+    declared composite, `bench.plan.standard_attacks`) and every stored cell is scored. With a ``protocol`` (`bench.protocol`), only the cells its steps
+    planned are scored, an entry is complete when every step it needs (up to the one that broke it, on
+    each victim) is stored, and every entry says which step broke it. Entry files of (suite, defense)
+    pairs no longer in the results are removed, so the directory mirrors the source.
     """
     records, runs = load_source(store)
     withheld = withheld_suites(store, records)
     for name, reason in withheld.items():
         print(f"leaderboard: not publishing suite {name!r}: {reason}", file=sys.stderr)
     records = [c for c in records if c.suite not in withheld]
+    scope = None
+    missing = None
+    if protocol is not None:
+        from bench.protocol import scope as protocol_scope
+
+        scope = protocol_scope(records, protocol)
+        for name, reason in scope.skipped_suites.items():
+            print(f"leaderboard: not publishing suite {name!r}: {reason}", file=sys.stderr)
+        records, attacks, missing = scope.records, [], scope.missing
+    elif attacks is None:  # an ad-hoc export: every attack the installed plugins declare standard
+        from bench.plan import standard_attacks
+
+        attacks = standard_attacks()
     scores = scoring.score(records, attacks=attacks, utility_floor=utility_floor, n_bootstrap=n_bootstrap,
-                           ci_level=ci_level, seed=seed)
+                           ci_level=ci_level, seed=seed, missing=missing)
     by_id = {c.cell_id: c for c in records}
     texts: dict[str, str] = {}
     for ds in scores.suites:
-        doc = entry_document(scores, ds, by_id, runs)
+        doc = entry_document(scores, ds, by_id, runs, protocol, scope)
         validate(doc, "entry")
         texts[entry_path(ds.suite, ds.defense)] = dumps(doc)
     texts["leaderboard.csv"] = leaderboard_csv(scores)
     texts["recovered.csv"] = recovered_csv(scores)
     files = [{"path": p, "sha256": hashlib.sha256(t.encode()).hexdigest(), "bytes": len(t.encode())}
              for p, t in sorted(texts.items())]
-    manifest = manifest_document(scores, records, files)
+    manifest = manifest_document(scores, records, files, protocol, scope)
     validate(manifest, "manifest")
     texts["manifest.json"] = dumps(manifest)
 
@@ -420,3 +488,27 @@ def load_export(export_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dic
         validate(doc, "entry")
         entries.append(doc)
     return manifest, entries
+
+
+def cells_of_export(export_dir: str | os.PathLike) -> tuple[list[CellRecord], dict[str, dict[str, Any]]]:
+    """Every cell an export publishes (entries carry each cell they rest on, with its per-example outcomes),
+    and the run environments: what `bench leaderboard build --store S --with-shipped` merges with a
+    user's own store. A cell in several entries is read once."""
+    _manifest, entries = load_export(export_dir)
+    cells: dict[str, CellRecord] = {}
+    runs: dict[str, dict[str, Any]] = {}
+    for doc in entries:
+        runs.update(doc.get("runs", {}))
+        for c in doc["cells"]:
+            if c["cell_id"] in cells:
+                continue
+            created = datetime.strptime(c["date"], "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc).timestamp() \
+                if "T" in c["date"] else 0.0
+            cells[c["cell_id"]] = CellRecord(
+                cell_id=c["cell_id"], kind=c["kind"], suite=c["suite"], victim=c["victim"],
+                partners=tuple(c["partners"]), defense=c["defense"], attack=c["attack"], merge=c["merge"],
+                seed=c["seed"], status=c["status"], reason=c["reason"], spec=c["spec"], provenance=c["provenance"],
+                metrics=tuple(Metric(m["role"], m["task"], m["metric"], float(m["value"]) if m["value"] is not None
+                                     else math.nan, m["higher_is_better"], m["examples"]) for m in c["metrics"]),
+                run_id=c["run_id"], created=created, filling=c["filling"])
+    return list(cells.values()), runs

@@ -27,6 +27,7 @@ from typing import Any
 
 import jinja2
 
+from bench.scoring import REFERENCE
 from leaderboard.export import ExportError, entry_path, export, load_export, slug
 
 HERE = Path(__file__).resolve().parent
@@ -194,16 +195,35 @@ def _href(kind: str, name: str) -> str:
     return f"{kind}/{slug(name)}.html"
 
 
+def broken_by_text(broken_by: dict[str, str | None] | None) -> str:
+    """'realign / ta (2 of 3 victims)': the steps that broke a defense, with how many victims each broke."""
+    if not broken_by:
+        return ""
+    counts: dict[str, int] = {}
+    for step in broken_by.values():
+        if step:
+            counts[step] = counts.get(step, 0) + 1
+    if not counts:
+        return "unbroken"
+    n = len(broken_by)
+    text = "; ".join(f"{step} ({c} of {n})" for step, c in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    unbroken = n - sum(counts.values())
+    return text + (f"; unbroken on {unbroken} of {n}" if unbroken else "")
+
+
 def _row(group: str, defense: str, s: dict[str, Any]) -> dict[str, Any]:
     return {"group": group, "defense": defense, "defense_href": _href("defense", defense),
-            "attack_href": _href("attack", s["best_attack"]) if s["best_attack"] else "", **s}
+            "attack_href": _href("attack", s["best_attack"]) if s["best_attack"] else "",
+            "broken_by_text": broken_by_text(s.get("broken_by")), "reference": defense == REFERENCE, **s}
 
 
 def _group_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Ranked rows by rank, then the unranked by security (never interleaved with the ranked)."""
+    """Ranked rows by rank, then the unranked by security (never interleaved with the ranked), then the
+    reference row (`none`: what an unprotected release gives)."""
     def key(r: dict[str, Any]) -> tuple:
         unscored = r["security"] is None
-        return (r["rank"] is None, r["rank"] or 0, unscored, 0.0 if unscored else -r["security"], r["defense"])
+        return (r["reference"], r["rank"] is None, r["rank"] or 0, unscored, 0.0 if unscored else -r["security"],
+                r["defense"])
 
     return sorted(rows, key=key)
 
@@ -225,7 +245,10 @@ def index_view(manifest: dict[str, Any]) -> dict[str, Any]:
                         "stability": stability_figure(st) if st else None, "stability_data": st})
     for i, r in enumerate(rows):
         r["order"] = i
-    return {"rows": rows, "figures": figures, "groups": [(k, label) for k, label, _ in groups]}
+    signal = [{"suite": suite, "rows": rows_} for suite, rows_ in sorted(manifest.get("signal", {}).items())]
+    protocol = manifest["config"].get("protocol")
+    return {"rows": rows, "figures": figures, "groups": [(k, label) for k, label, _ in groups], "signal": signal,
+            "protocol": protocol}
 
 
 def defense_view(defense: str, entries: list[dict[str, Any]], threshold: float) -> dict[str, Any]:

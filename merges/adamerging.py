@@ -43,6 +43,7 @@ Choices where this harness differs from, or must pin down, the official scripts:
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -52,6 +53,7 @@ from torch import nn
 from torch.func import functional_call
 
 from bench.batchnorm import batchnorm_layers, batchnorm_statistic_keys
+from bench.bucketing import MicroBatch, has_batch_dependent_layers, regroup_by_length, sequence_inputs
 from bench.families.base import ArchitectureMap
 from bench.merging import MergeContext, merge_method
 from bench.params import ParamError
@@ -78,6 +80,12 @@ class AdaMergingResult:
     """Σ_tasks mean entropy over the whole pool at the prior (when measured)."""
     entropy_after: float | None = None
     """The same at the learned coefficients (when measured)."""
+    steps_taken: int = 0
+    """Adam steps actually taken (fewer than ``steps`` when the convergence stop ended the run)."""
+    converged: bool = False
+    """Whether the convergence stop ended the run."""
+    improvement: float | None = None
+    """Relative improvement of the last pass over the pools on the one before (`ConvergenceStop`)."""
 
 
 # ---------------------------------------------------------------- coefficient groups
@@ -118,23 +126,35 @@ def _block_of(key: str, arch: ArchitectureMap) -> str:
 
 
 class _MergedBody:
-    """θ_pre and the task vectors of the mergeable tensors, combined for a given λ."""
+    """θ_pre and the task vectors of the mergeable tensors, combined for a given λ.
+
+    The task vectors of each tensor are stacked once into an ``[experts, numel]`` matrix, so a step's
+    merge is one matrix-vector product per tensor (and so is its backward pass, to λ). With
+    ``stacked=False`` the experts are added one at a time, as version 2 did (same values up to float
+    rounding; kept for `benchmarks/eval_cost.py`).
+    """
 
     def __init__(self, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
-                 keys: Sequence[str], group_index: Sequence[int]) -> None:
+                 keys: Sequence[str], group_index: Sequence[int], *, stacked: bool = True) -> None:
         self.keys = list(keys)
         self.group_index = list(group_index)
+        self.stacked = stacked
         self.dtypes = {k: base[k].dtype for k in keys}
         self.base = {k: base[k].detach().float() for k in keys}
-        self.taus = {k: [e[k].detach().float() - self.base[k] for e in experts] for k in keys}
+        self.taus = {k: torch.stack([e[k].detach().float().reshape(-1) for e in experts])
+                     .sub_(self.base[k].reshape(1, -1)) for k in keys}
 
     def __call__(self, lambdas: torch.Tensor) -> dict[str, torch.Tensor]:
         """Merged tensors (differentiable in ``lambdas``, shape [groups, experts]) in the base dtypes."""
         out = {}
         for key, g in zip(self.keys, self.group_index):
-            t = self.base[key]
-            for i, tau in enumerate(self.taus[key]):
-                t = t + lambdas[g, i] * tau
+            base, taus = self.base[key], self.taus[key]
+            if self.stacked:
+                t = base + (lambdas[g] @ taus).view(base.shape)
+            else:
+                t = base
+                for i in range(taus.shape[0]):
+                    t = t + lambdas[g, i] * taus[i].view(base.shape)
             out[key] = t.to(self.dtypes[key])
         return out
 
@@ -161,6 +181,17 @@ def _body_prefix(model: nn.Module) -> str:
     raise TypeError("the task model's .body is not one of its submodules")
 
 
+def weighted_entropy(logits: torch.Tensor, micro: MicroBatch) -> torch.Tensor:
+    """Σ of the entropies of a regrouped micro-batch, each weighted as `prediction_entropy` weighs it in its
+    original batch (per example, or per real token when the outputs are per position)."""
+    h = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+    if h.dim() == 1:
+        return (h * micro.weights).sum()
+    if tuple(h.shape) == tuple(micro.token_weights.shape):
+        return (h * micro.token_weights).sum()
+    return (h.flatten(1).mean(1) * micro.weights).sum()
+
+
 @dataclass
 class _TaskForward:
     """One task's model (head fixed, body replaced functionally) and its pool of unlabelled inputs."""
@@ -172,12 +203,38 @@ class _TaskForward:
     """Body buffers the model still uses: merged with λ but constants of the objective."""
     batch_statistics: frozenset[str] = frozenset()
     """BatchNorm running statistics, which the objective replaces by batch statistics."""
+    micro_batch: int = 0
+    """Regroup each step's examples into length-sorted micro-batches of this size (0: never)."""
+    channels_last: bool = False
+    """The model and its image inputs are in channels_last layout (convolutional models)."""
+    _regrouped: dict[tuple[int, ...], list[MicroBatch]] = field(default_factory=dict)
+
+    def _params(self, merged: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {self.prefix + k: (v.detach() if k in self.buffers else v) for k, v in merged.items()
+                if k not in self.batch_statistics}
 
     def entropy(self, merged: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        params = {self.prefix + k: (v.detach() if k in self.buffers else v) for k, v in merged.items()
-                  if k not in self.batch_statistics}
-        logits = functional_call(self.model, params, args=(), kwargs=dict(inputs), tie_weights=True, strict=False)
+        logits = functional_call(self.model, self._params(merged), args=(), kwargs=dict(inputs), tie_weights=True,
+                                 strict=False)
         return prediction_entropy(logits, inputs.get("attention_mask"))
+
+    def step_entropy(self, merged: Mapping[str, torch.Tensor], batch_ids: Sequence[int]) -> torch.Tensor:
+        """Σ over the pool batches ``batch_ids`` of each one's mean entropy (one step's share of this task).
+
+        With ``micro_batch`` the batches' examples are regrouped by length (`bench.bucketing`, once per
+        distinct set of batches) and weighted as in their own batch: the same sum with less padding."""
+        if not self.micro_batch:
+            return sum((self.entropy(merged, self.pool[b]) for b in batch_ids), torch.zeros(()))
+        key = tuple(batch_ids)
+        if key not in self._regrouped:
+            self._regrouped[key] = regroup_by_length([self.pool[b] for b in batch_ids], self.micro_batch)
+        params = self._params(merged)
+        total = torch.zeros(())
+        for micro in self._regrouped[key]:
+            logits = functional_call(self.model, params, args=(), kwargs=dict(micro.inputs), tie_weights=True,
+                                     strict=False)
+            total = total + weighted_entropy(logits, micro)
+        return total
 
 
 def use_batch_statistics(body: nn.Module) -> frozenset[str]:
@@ -199,7 +256,11 @@ def unlabelled_pool(suite: Any, task: str, *, samples: int, batch_size: int, see
     return pool
 
 
-def _task_forwards(base: StateDict, ctx: MergeContext, keys: Sequence[str], samples: int, batch_size: int) -> list[_TaskForward]:
+def _task_forwards(base: StateDict, ctx: MergeContext, keys: Sequence[str], samples: int, batch_size: int,
+                   micro_batch: int = 0, channels_last: bool = False) -> list[_TaskForward]:
+    """Each task's model and unlabelled pool; ``micro_batch`` > 0 regroups steps by length where that is exact
+    (token inputs with an attention mask, no BatchNorm: an example's output does not depend on its batch);
+    ``channels_last`` puts convolutional models and their 4-D inputs in that layout."""
     if not ctx.tasks:
         raise ValueError("AdaMerging needs at least one task in the merge context")
     if len(ctx.heads) != len(ctx.tasks):
@@ -214,9 +275,26 @@ def _task_forwards(base: StateDict, ctx: MergeContext, keys: Sequence[str], samp
         if unknown:
             raise CheckpointError(f"suite {ctx.suite.name!r}'s body module has no tensor(s) {unknown[:3]} of the merged state")
         pool = unlabelled_pool(ctx.suite, task, samples=samples, batch_size=batch_size, seed=ctx.seed)
+        regroup = micro_batch if (micro_batch and not has_batch_dependent_layers(model)
+                                  and all(sequence_inputs(x) for x in pool)) else 0
+        layout = channels_last and _convolutional(model, pool)
+        if layout:
+            model.to(memory_format=torch.channels_last)
+            pool = [{k: to_channels_last(v) for k, v in x.items()} for x in pool]
         stats = use_batch_statistics(model.body)
-        forwards.append(_TaskForward(model, prefix, pool, frozenset(name for name, _ in model.body.named_buffers()), stats))
+        forwards.append(_TaskForward(model, prefix, pool, frozenset(name for name, _ in model.body.named_buffers()), stats,
+                                     regroup, layout))
     return forwards
+
+
+def _convolutional(model: nn.Module, pool: Sequence[Mapping[str, torch.Tensor]]) -> bool:
+    return any(isinstance(m, nn.Conv2d) for m in model.modules()) and any(
+        v.dim() == 4 for x in pool for v in x.values())
+
+
+def to_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in channels_last layout when it is 4-D (same values, another memory order), else ``t``."""
+    return t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
 
 
 def _pool_entropy(forwards: Sequence[_TaskForward], merged: Mapping[str, torch.Tensor]) -> float:
@@ -227,7 +305,8 @@ def _pool_entropy(forwards: Sequence[_TaskForward], merged: Mapping[str, torch.T
 # ---------------------------------------------------------------- training
 
 
-def check_adamerging_params(steps: int, lr: float, batch_size: int, batches_per_step: int, samples: int) -> None:
+def check_adamerging_params(steps: int, lr: float, batch_size: int, batches_per_step: int, samples: int,
+                            tol: float = 0.0) -> None:
     if steps < 0:
         raise ParamError(f"AdaMerging steps must be >= 0; got {steps}")
     if lr <= 0:
@@ -235,13 +314,77 @@ def check_adamerging_params(steps: int, lr: float, batch_size: int, batches_per_
     if batch_size < 1 or batches_per_step < 1 or samples < 1:
         raise ParamError("AdaMerging batch_size, batches_per_step and samples must be >= 1; "
                          f"got {batch_size}, {batches_per_step}, {samples}")
+    if not tol >= 0:  # also rejects NaN
+        raise ParamError(f"AdaMerging tol must be >= 0 (0: always run every step); got {tol}")
+
+
+def pass_lengths(pool_sizes: Sequence[int], batches_per_step: int) -> list[int]:
+    """Steps after which each task's cursor has visited every batch of its pool equally often:
+    ``n / gcd(n, batches_per_step)`` for a pool of ``n`` batches (8 for 16 batches and 2 per step)."""
+    return [n // math.gcd(n, batches_per_step) for n in pool_sizes]
+
+
+@dataclass
+class ConvergenceStop:
+    """Stop AdaMerging once a pass over the unlabelled pools improves the entropy objective by less than ``tol``.
+
+    Each step adds every task's share of the loss (its ``batches_per_step`` batch means). Task ``t``'s
+    pool is covered evenly by the last ``windows[t]`` steps (`pass_lengths`), so the mean of those
+    shares estimates the task's entropy over its whole pool. Summed over tasks this gives the
+    objective of the latest pass, ``E_now``, and of the pass before it, ``E_prev``. Both passes see
+    exactly the same inputs, so the difference comes from λ alone and not from batch noise.
+    ``improvement = (E_prev − E_now) / E_prev`` is checked after every step once two passes exist;
+    ``converged`` when its size is below ``tol``. A pass that is worse by more than ``tol`` (Adam
+    overshooting) is not convergence, so the run goes on. ``tol = 0`` never stops early.
+    """
+
+    windows: Sequence[int]
+    tol: float
+    history: list[list[float]] = field(default_factory=list)
+
+    def record(self, shares: Sequence[float]) -> None:
+        if len(shares) != len(self.windows):
+            raise ValueError(f"{len(shares)} task losses for {len(self.windows)} tasks")
+        self.history.append([float(x) for x in shares])
+
+    def passes(self) -> tuple[float, float] | None:
+        """``(E_prev, E_now)``, or None before two passes."""
+        steps = len(self.history)
+        if not self.windows or steps < 2 * max(self.windows):
+            return None
+        prev = now = 0.0
+        for t, w in enumerate(self.windows):
+            column = [h[t] for h in self.history[steps - 2 * w:]]
+            prev += sum(column[:w]) / w
+            now += sum(column[w:]) / w
+        return prev, now
+
+    def improvement(self) -> float | None:
+        p = self.passes()
+        if p is None:
+            return None
+        prev, now = p
+        return (prev - now) / prev if prev > 0 else 0.0
+
+    def converged(self) -> bool:
+        r = self.improvement()
+        return self.tol > 0 and r is not None and abs(r) < self.tol
 
 
 def learn_coefficients(base: StateDict, experts: Sequence[StateDict], ctx: MergeContext, *, granularity: str,
                        steps: int, lr: float, prior: float, batch_size: int, batches_per_step: int, samples: int,
-                       clamp: bool, measure: bool = False) -> AdaMergingResult:
-    """Learn λ by entropy minimisation and return the merged body (see the module docstring)."""
-    check_adamerging_params(steps, lr, batch_size, batches_per_step, samples)
+                       clamp: bool, measure: bool = False, tol: float = 0.0, regroup: bool = True,
+                       stacked: bool = True, micro_batch: int | None = None,
+                       channels_last: bool = True) -> AdaMergingResult:
+    """Learn λ by entropy minimisation and return the merged body (see the module docstring).
+
+    ``tol`` > 0 stops early (`ConvergenceStop`); ``steps`` is then the most steps taken. ``regroup`` (token
+    inputs, no BatchNorm) evaluates each step's examples in length-sorted micro-batches of ``micro_batch``
+    (default half of ``batch_size``); ``stacked`` merges with the task vectors stacked once;
+    ``channels_last`` runs convolutional models in that layout. ``tol=0, regroup=False, stacked=False,
+    channels_last=False`` is version 2's computation, kept for benchmarks and tests.
+    """
+    check_adamerging_params(steps, lr, batch_size, batches_per_step, samples, tol)
     if not experts:
         raise CheckpointError("a merge needs at least one expert")
     for i, expert in enumerate(experts):
@@ -249,8 +392,11 @@ def learn_coefficients(base: StateDict, experts: Sequence[StateDict], ctx: Merge
     keys = [k for k in base if is_mergeable(base[k])]
     arch = ctx.suite.arch_map() if granularity == "block" else None
     groups, group_index = coefficient_groups(keys, granularity, arch)
-    body = _MergedBody(base, experts, keys, group_index)
-    forwards = _task_forwards(base, ctx, keys, samples, batch_size)
+    body = _MergedBody(base, experts, keys, group_index, stacked=stacked)
+    forwards = _task_forwards(base, ctx, keys, samples, batch_size,
+                              micro_batch=(micro_batch or max(1, batch_size // 2)) if regroup else 0,
+                              channels_last=channels_last)
+    layout = any(f.channels_last for f in forwards)
 
     raw = nn.Parameter(torch.full((len(groups), len(experts)), float(prior)))
     optimizer = torch.optim.Adam([raw], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
@@ -260,12 +406,17 @@ def learn_coefficients(base: StateDict, experts: Sequence[StateDict], ctx: Merge
 
     before = _pool_entropy(forwards, body(effective().detach())) if measure else None
     losses = []
+    stop = ConvergenceStop(pass_lengths([len(f.pool) for f in forwards], batches_per_step), tol)
     cursors = [itertools.cycle(range(len(f.pool))) for f in forwards]
+    converged = False
     with torch.enable_grad():
         for step in range(steps):
             merged = body(effective())
-            loss = sum(f.entropy(merged, f.pool[next(c)]) for f, c in zip(forwards, cursors)
-                       for _ in range(batches_per_step))
+            if layout:  # converted once per step for every task (its backward converts the gradient back)
+                merged = {k: to_channels_last(v) for k, v in merged.items()}
+            shares = [f.step_entropy(merged, [next(c) for _ in range(batches_per_step)])
+                      for f, c in zip(forwards, cursors)]
+            loss = sum(shares, torch.zeros(()))
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"AdaMerging's entropy became {float(loss)} at step {step}; "
                                          "lower lr or check the task models")
@@ -273,43 +424,74 @@ def learn_coefficients(base: StateDict, experts: Sequence[StateDict], ctx: Merge
             loss.backward()
             optimizer.step()
             losses.append(float(loss.detach()))
+            stop.record([float(x.detach()) for x in shares])
+            if stop.converged():
+                converged = True
+                break
 
     lambdas = effective().detach().clone()
     with torch.no_grad():
         merged = body(lambdas)
     after = _pool_entropy(forwards, merged) if measure else None
     state = {k: (merged[k] if k in merged else v) for k, v in base.items()}
-    return AdaMergingResult(state, lambdas, groups, losses, before, after)
+    return AdaMergingResult(state, lambdas, groups, losses, before, after, steps_taken=len(losses),
+                            converged=converged, improvement=stop.improvement())
+
+
+def record_notes(ctx: MergeContext, result: AdaMergingResult, steps: int, tol: float) -> None:
+    """What the merge's provenance keeps (``merge_notes``): the steps actually taken and why it stopped."""
+    ctx.notes.update({
+        "steps_taken": result.steps_taken,
+        "max_steps": steps,
+        "tol": tol,
+        "stopped": "converged" if result.converged else "step limit",
+        "last_pass_improvement": None if result.improvement is None else round(result.improvement, 6),
+        "final_loss": round(result.losses[-1], 6) if result.losses else None,
+        "mean_coefficient_per_expert": [round(float(v), 4) for v in result.coefficients.mean(0)],
+    })
 
 
 # ---------------------------------------------------------------- the two registered methods
 
 
-@merge_method("adamerging-task", tensorwise=False, needs_data=True, version="2", paper=ADAMERGING_PAPER)
+ADAMERGING_VERSION = "3"
+"""3: convergence stop (``tol``), task vectors stacked once, length-regrouped steps on token inputs
+(see "Cost" in the module docstring); 2: the fixed-step computation."""
+DEFAULT_TOL = 1e-3
+
+
+@merge_method("adamerging-task", tensorwise=False, needs_data=True, version=ADAMERGING_VERSION, paper=ADAMERGING_PAPER)
 def adamerging_task(base: StateDict, experts: list[StateDict], *, ctx: MergeContext, steps: int = 100,
                     lr: float = 5e-3, prior: float = 0.3, batch_size: int = 16, batches_per_step: int = 2,
-                    samples: int = 256, clamp: bool = True) -> StateDict:
+                    samples: int = 256, clamp: bool = True, tol: float = DEFAULT_TOL) -> StateDict:
     """Task-wise AdaMerging: one λ per task, learned by test-time entropy minimisation.
 
     Defaults: prior 0.3, clamp to [0, 1] and 2 batches of 16 per task per step as the official code;
-    100 Adam steps at lr 5e-3 instead of its 500 at 1e-3 (same travel for λ, a fifth of the compute);
-    a pool of 256 unlabelled test inputs per task. See the module docstring for every choice.
+    at most 100 Adam steps at lr 5e-3 instead of its 500 at 1e-3 (same travel for λ, a fifth of the
+    compute), stopping early once a pass over the pools improves the entropy by less than ``tol``
+    (relative; 0 runs every step); a pool of 256 unlabelled test inputs per task. The steps taken are
+    recorded in the merge notes. See the module docstring for every choice and for the cost.
     """
-    return learn_coefficients(base, experts, ctx, granularity="task", steps=steps, lr=lr, prior=prior,
-                              batch_size=batch_size, batches_per_step=batches_per_step, samples=samples,
-                              clamp=clamp).state
+    result = learn_coefficients(base, experts, ctx, granularity="task", steps=steps, lr=lr, prior=prior,
+                                batch_size=batch_size, batches_per_step=batches_per_step, samples=samples,
+                                clamp=clamp, tol=tol)
+    record_notes(ctx, result, steps, tol)
+    return result.state
 
 
-@merge_method("adamerging-layer", tensorwise=False, needs_data=True, version="2", paper=ADAMERGING_PAPER)
+@merge_method("adamerging-layer", tensorwise=False, needs_data=True, version=ADAMERGING_VERSION, paper=ADAMERGING_PAPER)
 def adamerging_layer(base: StateDict, experts: list[StateDict], *, ctx: MergeContext, steps: int = 100,
                      lr: float = 5e-3, prior: float = 0.3, batch_size: int = 16, batches_per_step: int = 2,
                      samples: int = 256, clamp: bool = True,
-                     granularity: Literal["tensor", "block"] = "tensor") -> StateDict:
+                     granularity: Literal["tensor", "block"] = "tensor", tol: float = DEFAULT_TOL) -> StateDict:
     """Layer-wise AdaMerging: one λ per task per parameter tensor (or per block), learned by entropy minimisation.
 
     ``granularity="tensor"`` is the official code's "layer" (every weight and bias has its own λ);
-    ``"block"`` groups the tensors of one transformer/CNN block. Other defaults as ``adamerging-task``.
+    ``"block"`` groups the tensors of one transformer/CNN block. Other defaults, the convergence stop
+    and the notes as ``adamerging-task``.
     """
-    return learn_coefficients(base, experts, ctx, granularity=granularity, steps=steps, lr=lr, prior=prior,
-                              batch_size=batch_size, batches_per_step=batches_per_step, samples=samples,
-                              clamp=clamp).state
+    result = learn_coefficients(base, experts, ctx, granularity=granularity, steps=steps, lr=lr, prior=prior,
+                                batch_size=batch_size, batches_per_step=batches_per_step, samples=samples,
+                                clamp=clamp, tol=tol)
+    record_notes(ctx, result, steps, tol)
+    return result.state

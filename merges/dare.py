@@ -44,14 +44,6 @@ def check_drop_rate(p: float) -> None:
         raise ParamError(f"DARE parameter p is the drop probability and must lie in [0, 1) (0.9 drops 90 % of τ); got {p}")
 
 
-def drop_and_rescale(tau: torch.Tensor, p: float, generator: torch.Generator, rescale: bool = True) -> torch.Tensor:
-    """Zero each entry of ``tau`` with probability ``p``; scale the survivors by 1/(1 − p) when ``rescale``."""
-    check_drop_rate(p)
-    keep = torch.rand(tau.shape, generator=generator, dtype=torch.float32) >= p
-    dropped = tau * keep
-    return dropped / (1.0 - p) if rescale else dropped
-
-
 def _advance(generator: torch.Generator, draws: int, chunk: int) -> None:
     """Move ``generator`` past ``draws`` float32 uniforms, ``chunk`` at a time (as if they had been drawn)."""
     buffer = torch.empty(max(1, min(draws, chunk)))

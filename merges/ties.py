@@ -83,27 +83,14 @@ def check_ties_params(k: float, aggregate: str) -> None:
         raise ParamError(f"TIES parameter aggregate must be one of {', '.join(_AGGREGATES)}; got {aggregate!r}")
 
 
-def magnitude_threshold(magnitudes: torch.Tensor, k: float) -> torch.Tensor:
-    """The smallest magnitude kept when the top fraction ``k`` of ``magnitudes`` (any shape) is kept.
-
-    Equal to ``kthvalue(d − ⌊k·d⌋ + 1)`` of the flattened magnitudes, found by radix selection
-    (`bench.outofcore.TopMagnitude`): no sort, no index tensor.
-    """
-    return top_magnitude(magnitudes.float(), keep_count(magnitudes.numel(), k))
-
-
-def trim(tau: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """``tau`` with every entry of magnitude below ``threshold`` set to zero."""
-    return tau * (tau.abs() >= threshold)
-
-
 def trim_(tau: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
-    """`trim` in place, in one pass: ``hardshrink`` at the float just below ``threshold`` keeps |τ| ≥ threshold.
+    """Zero, in place and in one pass, every entry of ``tau`` whose magnitude is below ``threshold``:
+    ``hardshrink`` at the float just below ``threshold`` keeps |τ| ≥ threshold.
 
-    Kept entries are unchanged and the others become +0 (`trim` gives −0 for negative ones: no
-    later step tells them apart).
+    Kept entries are unchanged and the others become +0 (the mask ``tau * (|tau| >= threshold)``
+    gives −0 for negative ones: no later step tells them apart).
     """
-    if bool(torch.isnan(threshold)):  # every magnitude compares false: as `trim`
+    if bool(torch.isnan(threshold)):  # every magnitude compares false: as the mask does
         return tau.mul_(tau.abs() >= threshold)
     below = float(torch.nextafter(threshold.float(), torch.tensor(float("-inf"))))
     return torch.ops.aten.hardshrink.out(tau, below, out=tau)
@@ -203,12 +190,6 @@ def elect_and_merge(trimmed: torch.Tensor, aggregate: str, majority: float | Non
     if aggregate == "mean":
         total.div_(count.clamp_(min=1))
     return total.mul_(sign if aggregate == "max" else select), tally, ambiguous
-
-
-def ties_task_vector(taus: Sequence[torch.Tensor], k: float, aggregate: str) -> torch.Tensor:
-    """The merged task vector of one tensor, trimmed per tensor (the ``ties`` scope)."""
-    trimmed = torch.stack([trim(t, magnitude_threshold(t.abs(), k)) for t in taus]).reshape(len(taus), -1)
-    return elect_and_merge(trimmed, aggregate, None)[0].reshape(taus[0].shape)
 
 
 class TaskVectorDrop(Protocol):

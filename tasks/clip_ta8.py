@@ -561,7 +561,7 @@ def _check_columns(ds: Any, source: DatasetSource, task: str, num_classes: int) 
         )
 
 
-@suites.register("clip-vit-b32-ta8")
+@suites.register()
 class ClipViTB32TA8(ClipTA8):
     """CLIP ViT-B/32 vision tower on SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD (zero-shot heads)."""
 
@@ -571,7 +571,7 @@ class ClipViTB32TA8(ClipTA8):
     OPEN_CLIP_MODEL = "ViT-B-32"
 
 
-@suites.register("clip-vit-l14-ta8")
+@suites.register()
 class ClipViTL14TA8(ClipTA8):
     """CLIP ViT-L/14 vision tower on SUN397, Cars, RESISC45, EuroSAT, SVHN, GTSRB, MNIST, DTD (zero-shot heads)."""
 

@@ -65,15 +65,6 @@ def check(problem: Mapping[str, Any], completion: str, timeout: float = DEFAULT_
     return bool(check_correctness(dict(problem), completion, timeout)["passed"])
 
 
-def pass_at_1(problems: Sequence[Mapping[str, Any]], completions: Sequence[str], timeout: float = DEFAULT_TIMEOUT) -> float:
-    """Fraction of ``problems`` whose single (greedy) completion passes."""
-    if len(problems) != len(completions):
-        raise ValueError(f"{len(problems)} problems but {len(completions)} completions; give one completion per problem")
-    if not problems:
-        raise ValueError("no problems to score")
-    return sum(check(p, c, timeout) for p, c in zip(problems, completions)) / len(problems)
-
-
 # ---------------------------------------------------------------- MBPP
 
 

@@ -341,7 +341,7 @@ def win_rate(preferences: Sequence[float]) -> float:
 # ---------------------------------------------------------------- the suite
 
 
-@suites.register("llama2-13b-experts")
+@suites.register()
 class Llama2Experts(CausalLMSuite):
     """Llama-2-13B with WizardLM-13B, WizardMath-13B and llama-2-13b-code-alpaca (DARE's LLM protocol)."""
 

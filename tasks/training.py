@@ -15,7 +15,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.outcomes import Evaluation
-from bench.suite import Batch, Regularizer
+from bench.suite import Batch, Expert, Regularizer, Suite
 from bench.weights import CheckpointError, StateDict
 
 QUIET_ENV = "MERGEARENA_QUIET"
@@ -71,6 +71,26 @@ def train(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Iterator[
         loss.backward()
         optimizer.step()
     model.eval()
+
+
+def finetune_classifier(suite: Suite, task: str, build: Callable[[], nn.Module], steps: int, *, seed: int,
+                        batch_size: int, regularizer: Regularizer | None = None, desc: str = "fine-tune") -> Expert:
+    """The expert recipe of the classifier suites (a body plus a linear head): one function, so that the
+    suites that share it cannot drift apart, and the experts cached under their recipe hashes stay valid.
+
+    ``build()`` makes the task model (``.body`` and ``.head``) after the RNG is seeded with ``seed``, so
+    a fresh head is seeded too; then ``steps`` steps of the suite's optimiser (`Suite.make_optimizer`)
+    on shuffled training batches, epoch ``e`` reshuffled with seed ``seed * 1000 + e``. The global RNG
+    is left as it was.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = build()
+        optimizer = suite.make_optimizer(model.parameters())
+        stream = endless(lambda epoch: suite.batches(task, "train", batch_size=batch_size, shuffle=True,
+                                                     seed=seed * 1000 + epoch))
+        train(model, optimizer, stream, steps, regularizer, desc=desc)
+    return Expert(body=detached_state(model.body), head=detached_state(model.head))
 
 
 @torch.no_grad()

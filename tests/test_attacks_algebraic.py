@@ -8,7 +8,7 @@ back to the expert's (relative to ‖τ‖), and the invariants of each step.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import pytest
 import torch
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from linear_defense_helpers import context, forward, max_abs_diff, simulated_expert
 from torch import nn
 
-from attacks._align import AttackInputError, relative_error
+from attacks._align import AttackInputError
 from attacks.anchor_align import AnchorAlign, AnchorAlignIndependent, AnchorAlignParams
 from attacks.realign import Realign, RealignParams, match_heads, reorder_heads
 from attacks.revert import RevertAttention, RevertFFN, RevertParams, RevertPartParams, RevertToBase
@@ -30,7 +30,7 @@ from bench.params import ParamError, parse_params
 from bench.plugins import Attack, AttackContext, CompositeAttack
 from bench.registry import attacks
 from bench.suite import Batch, Expert
-from bench.weights import StateDict
+from bench.weights import StateDict, is_mergeable
 from defenses import taylor as taylor_defense
 from defenses._linear import HeadTransform, split_columns, split_rows, transform_attention
 from defenses.mergebarrier import MergeBarrier, MergeBarrierAttention, MergeBarrierFFN
@@ -43,6 +43,19 @@ STEP = 0.01
 """Size of the synthetic task vector: the expert is θ_pre + 0.01·(other − θ_pre)."""
 RTOL = 1e-5
 """Output tolerance relative to the output's largest magnitude (float32 rounding of transformed weights)."""
+
+
+def relative_error(recovered: Mapping[str, torch.Tensor], truth: Mapping[str, torch.Tensor],
+                   keys: Iterable[str] | None = None) -> float:
+    """``‖recovered − truth‖ / ‖truth‖`` over the floating-point tensors ``keys`` (default: all of ``truth``)."""
+    num = torch.zeros((), dtype=torch.float64)
+    den = torch.zeros((), dtype=torch.float64)
+    for k in keys if keys is not None else truth:
+        if not is_mergeable(truth[k]):
+            continue
+        num += (recovered[k].double() - truth[k].double()).pow(2).sum()
+        den += truth[k].double().pow(2).sum()
+    return float(num.sqrt() / den.sqrt().clamp_min(1e-300))
 
 
 def case(name: str, seed: int = 0) -> tuple[Family, StateDict, Expert, dict[str, torch.Tensor]]:

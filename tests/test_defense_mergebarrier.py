@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from bench.artifact import Artifact, variants
+from bench.artifact import Artifact
 from bench.families.base import MLPMap
-from bench.families.family import Family
+from bench.families.family import Family, variants
 from bench.families.tiny import tiny, tiny_inputs
 from bench.plugins import DefenseContext
 from bench.registry import defenses

@@ -10,6 +10,7 @@ built on ``nn.MultiheadAttention``, as open_clip's ``ResidualAttentionBlock`` is
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import sys
 from collections import OrderedDict
@@ -24,22 +25,28 @@ from transformers.activations import ACT2FN
 
 from bench.families.base import FUSED_QKV, GATED_MLP, GQA, ROPE, ArchitectureMap, AttentionMap, MLPMap, get_qkv, set_qkv
 from bench.families.clip import ClipVisionFamily
+from bench.families.family import Family
 from bench.families.hf import (
-    Prefixed,
     UnsupportedModelError,
     detect_family,
-    load_body,
     replace_body,
     select_body,
 )
 from bench.families.llama import LlamaFamily
 from bench.families.open_clip import OpenClipVisionFamily
+from bench.families.prefixed import Prefixed
 from bench.families.tiny import TINY_NAMES, tiny, tiny_inputs
 from bench.registry import families
 from bench.suite import MissingAssetError
-from bench.weights import CheckpointError, load_state, save_state
+from bench.weights import CheckpointError, StateDict, load_state, open_checkpoint, save_state
 
 ATOL = 1e-5
+
+
+def load_body(path: str | os.PathLike) -> tuple[Family, StateDict, str]:
+    """(family, body, key_prefix) of a Hugging Face model directory."""
+    family, key_prefix = detect_family(path)
+    return family, select_body(open_checkpoint(path), family, key_prefix), key_prefix
 
 
 # ---------------------------------------------------------------- a reference open_clip ViT

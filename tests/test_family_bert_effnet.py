@@ -11,10 +11,27 @@ from torch import nn
 from torch.nn import functional as F
 
 from bench.families.base import ATTENTION, BATCHNORM, CHANNEL_BLOCK, MLP, get_qkv
-from bench.families.bert import BertFamily, random_state
+from bench.families.bert import BertFamily
 from bench.families.efficientnet import EfficientNetFamily
+from bench.families.family import Family
 from bench.registry import families
 from bench.suite import NotApplicableError
+from bench.weights import StateDict
+
+
+def random_state(family: Family, seed: int) -> StateDict:
+    """A deterministic freshly initialised body of ``family``; the global RNG is untouched."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        module = _fresh_module(family)
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _fresh_module(family: Family) -> nn.Module:
+    # A BertFamily with its own init_seed would ignore ``seed`` in new_module, so build from its config.
+    if isinstance(family, BertFamily):
+        return transformers.BertModel(family.config, add_pooling_layer=False)
+    return family.new_module()
 
 
 def _minilm_config() -> transformers.BertConfig:

@@ -6,9 +6,7 @@ import csv
 import hashlib
 import json
 import re
-import shutil
 import struct
-import subprocess
 import threading
 import urllib.request
 import zlib
@@ -18,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from browser import chromium, needs_chromium  # noqa: E402  (tests/ is on sys.path)
 from scored_cells import metric, record
 
 from bench.plan import counterpart_spec
@@ -32,7 +31,7 @@ T0 = 1_763_800_000.0
 # merged victim metric per defense (counterfactual floor 0.6, unprotected merge 0.8) and utility of its
 # artifact: security = 1 - (merged_with_align - 0.6) / 0.2, clipped
 DEFENSES = {"params": (0.56, 0.88), "mergelock": (0.65, 0.9), EVIL: (0.77, 0.89), "wrecker": (0.5, 0.4)}
-EXPECTED_ORDER = ["params", "mergelock", EVIL, "none", "wrecker"]  # by security; wrecker is under the floor
+EXPECTED_ORDER = ["params", "mergelock", EVIL, "wrecker", "none"]  # by security; wrecker is under the floor; none is the reference, last
 PROVENANCE = {"timings": {"protect": 4.0, "prepare": 2.0, "finish": 0.5, "merge": 1.0}, "peak_rss_mb": 512.0,
               "flags": {"function_preservation": {"claimed": True, "max_abs_diff": 0.0, "ok": True}}}
 
@@ -350,22 +349,6 @@ def test_serve_answers_with_the_index(site: Path):
 
 
 # ---------------------------------------------------------------- a real browser
-
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(
-    CHROMIUM is None, reason="chromium is not installed (Debian: apt-get install -y chromium; CI installs it)")
-
-
-def chromium(tmp_path: Path, url: str, *extra: str) -> tuple[str, list[str]]:
-    """Run headless chromium on ``url``: (stdout, console messages the page logged)."""
-    profile = tmp_path / f"profile-{len(list(tmp_path.glob('profile-*')))}"
-    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *extra, url]
-    proc = subprocess.run(args, capture_output=True, text=True, timeout=180)
-    console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
-    return proc.stdout, console
-
 
 def png_pixels(path: Path) -> np.ndarray:
     """Decode an 8-bit RGB/RGBA non-interlaced PNG (what chromium writes) into [h, w, channels]."""

@@ -20,7 +20,6 @@ from bench.registry import merges
 from bench.suite import Batch, Expert, Suite
 from bench.weights import CheckpointError, StateDict
 from merges.adamerging import coefficient_groups, learn_coefficients, prediction_entropy
-from merges.dare import drop_and_rescale
 from merges.ties import disjoint_merge, elect_and_merge, elected_sign, resolve_zero_signs, ties_merge_global
 
 T = torch.tensor
@@ -320,7 +319,7 @@ def test_dare_ta_drops_with_the_per_tensor_generator_and_rescales():
 
 def test_dare_rescales_survivors_exactly():
     tau = torch.full((200,), 1.5)
-    out = drop_and_rescale(tau, 0.75, torch.Generator().manual_seed(1))
+    out = merge("dare-ta", {"w": torch.zeros(200)}, [{"w": tau}], seed=1, p=0.75, lambda_=1.0)["w"]
     survivors = out[out != 0]
     assert survivors.numel() > 0
     assert torch.equal(survivors, torch.full_like(survivors, 6.0))  # 1.5 / (1 - 0.75)
@@ -328,7 +327,7 @@ def test_dare_rescales_survivors_exactly():
 
 def test_dare_without_rescale_only_drops():
     tau = torch.full((200,), 1.5)
-    out = drop_and_rescale(tau, 0.75, torch.Generator().manual_seed(1), rescale=False)
+    out = merge("dare-ta", {"w": torch.zeros(200)}, [{"w": tau}], seed=1, p=0.75, lambda_=1.0, rescale=False)["w"]
     assert set(out.unique().tolist()) == {0.0, 1.5}
 
 

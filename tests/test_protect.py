@@ -9,8 +9,12 @@ import pytest
 import torch
 import transformers
 
-from bench.protect import DataRequiredError, protect_checkpoint, read_jsonl
+from bench.no_data import DataRequiredError
+from bench.plugins import Defense
+from bench.protect import protect_checkpoint
+from bench.registry import defenses, suites
 from bench.weights import CheckpointError, load_state, save_state, state_hash
+from tasks.jsonl_text import read_jsonl
 
 WORDS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "great", "fine", "bad", "awful", "poor", "movie", "plot"]
 
@@ -237,17 +241,10 @@ def test_a_bf16_llama_checkpoint_stays_bf16_and_loadable(tmp_path):
         )
 
 
-class ReplaceFFN:
+class ReplaceFFN(Defense):
     """A stand-in structure-changing defense: drops layer 0's FFN up weight, adds a tensor of its own."""
 
     name = "replace-ffn"
-
-    @classmethod
-    def from_overrides(cls, overrides):
-        return cls()
-
-    def spec(self):
-        return {"name": self.name, "version": "1", "params": {}}
 
     def protect(self, expert, ctx):
         from bench.artifact import Artifact
@@ -258,9 +255,7 @@ class ReplaceFFN:
 
 
 def test_a_structure_changing_release_is_one_variant_file_without_the_replaced_tensors(dirs, tmp_path, monkeypatch):
-    import bench.protect as protect
-
-    monkeypatch.setattr(protect.defenses, "get", lambda name: ReplaceFFN)
+    monkeypatch.setattr(defenses, "get", lambda name: ReplaceFFN)
     out = tmp_path / "released"
     note = protect_checkpoint("replace-ffn", dirs["classifier"], dirs["base"], out, {})
     assert not (out / "model.safetensors").exists()
@@ -272,19 +267,19 @@ def test_a_structure_changing_release_is_one_variant_file_without_the_replaced_t
 
 
 def test_suite_task_data_is_checked_against_the_body_and_used(dirs, tmp_path, monkeypatch):
-    import bench.protect as protect
+    from bench.checkpoint_io import read_checkpoint, split_body
     from bench.families.hf import detect_family
-    from bench.protect import JsonlTextSuite, split_body
+    from tasks.jsonl_text import JsonlTextSuite
 
     family, _ = detect_family(dirs["expert"])
-    base, _ = split_body(protect.read_checkpoint(dirs["base"]), family)
+    base, _ = split_body(read_checkpoint(dirs["base"]), family)
     data = write_jsonl(tmp_path / "reviews.jsonl")
 
     class ReviewSuite(JsonlTextSuite):
         def __init__(self) -> None:
             super().__init__(data, family, base, dirs["expert"])
 
-    monkeypatch.setattr(protect.suites, "get", lambda name: ReviewSuite)
+    monkeypatch.setattr(suites, "get", lambda name: ReviewSuite)
     note = protect_checkpoint(
         "mergeguard-stage2",
         dirs["expert"],
@@ -299,7 +294,7 @@ def test_suite_task_data_is_checked_against_the_body_and_used(dirs, tmp_path, mo
         def load_pretrained(self):
             return {k: v for k, v in base.items() if k != "embeddings.word_embeddings.weight"}
 
-    monkeypatch.setattr(protect.suites, "get", lambda name: OtherBaseSuite)
+    monkeypatch.setattr(suites, "get", lambda name: OtherBaseSuite)
     with pytest.raises(CheckpointError, match="for suite 'reviews'"):
         protect_checkpoint(
             "mergeguard-stage2", dirs["expert"], dirs["base"], tmp_path / "d", {}, data="suite:reviews/reviews"

@@ -72,3 +72,66 @@ def test_entry_point_plugin_is_listed_and_runnable(plugin_site, tmp_path) -> Non
     )
     assert run.returncode == 0, run.stderr + run.stdout
     assert "toy-scale" in run.stdout and "Merged accuracy" in run.stdout
+
+
+# ---------------------------------------------------------------- base class and name checks
+
+
+def test_a_plugin_takes_its_name_from_its_class() -> None:
+    from bench.plugins import Defense
+
+    reg: Registry = Registry("defense", subclass_of="bench.plugins:Defense")
+
+    @reg.register()
+    class Mine(Defense):
+        name = "mine"
+
+    assert reg.get("mine") is Mine and reg.names() == ["mine"]
+
+
+def test_a_name_that_disagrees_with_the_class_is_refused_in_one_sentence() -> None:
+    from bench.plugins import Defense
+
+    reg: Registry = Registry("defense", subclass_of="bench.plugins:Defense")
+
+    class Mine(Defense):
+        name = "mine"
+
+    with pytest.raises(RegistryError, match=r"named 'mine' but registered as 'yours'; make them agree"):
+        reg.register("yours", obj=Mine)
+    reg.register("mine", "mine-alias", obj=Mine)  # aliases are fine when the class's own name is among them
+    assert reg.get("mine-alias") is Mine
+
+
+def test_a_plugin_of_the_wrong_kind_is_refused() -> None:
+    from bench.plugins import Attack
+
+    reg: Registry = Registry("defense", subclass_of="bench.plugins:Defense")
+
+    class NotADefense(Attack):
+        name = "x"
+
+    with pytest.raises(RegistryError, match=r"must be a subclass of bench\.plugins\.Defense"):
+        reg.register(obj=NotADefense)
+    with pytest.raises(RegistryError, match="must be a subclass"):
+        reg.register("y", obj=42)
+    merges_like: Registry = Registry("merge method", instance_of="bench.merging:MergeMethod")
+    with pytest.raises(RegistryError, match=r"must be an instance of bench\.merging\.MergeMethod"):
+        merges_like.register("z", obj=lambda base, experts: base)
+
+
+def test_a_lazy_entry_pointing_at_another_plugin_fails_when_imported() -> None:
+    reg: Registry = Registry("defense", subclass_of="bench.plugins:Defense")
+    reg.register_lazy("params-typo", "defenses.params:PaRaMS")
+    with pytest.raises(RegistryError, match=r"'params-typo' \(defenses\.params:PaRaMS\).*named 'params'"):
+        reg.get("params-typo")
+
+
+def test_every_builtin_line_names_its_plugin() -> None:
+    from bench.families.family import variants
+    from bench.registry import attacks, families, file_suites, merges, suites
+
+    for registry in (defenses, attacks, merges, suites, families, file_suites):
+        for name in registry.names():
+            assert registry.get(name).name == name, (registry.kind, name)
+    assert variants.get("taylor-ffn") is not None

@@ -52,12 +52,12 @@ def test_attack_over_budget_is_not_applicable(toy_suite) -> None:
         def needs(self) -> AttackNeeds:
             return AttackNeeds(labelled=1000)
 
-    reason, kind = applicability(defenses.get("none")(), Greedy(), make_merge("ta"), frozenset({"attention", "mlp"}),
+    reason, kind = applicability(defenses.get("none")(), Greedy(), make_merge("ta"), toy_suite.arch_map(),
                                  AttackNeeds(labelled=256))
     assert "needs 1000 labelled" in reason and kind == "budget"
     # a tuned merge's labelled samples count against the same budget
     reason, kind = applicability(defenses.get("none")(), Attack(), make_merge("ta-tuned", {"samples": "512"}),
-                                 frozenset({"attention", "mlp"}), AttackNeeds(labelled=256))
+                                 toy_suite.arch_map(), AttackNeeds(labelled=256))
     assert "needs 512 labelled" in reason and kind == "budget"
 
 
@@ -273,14 +273,14 @@ def test_victim_only_evaluation_is_its_own_cell_and_skips_partners(toy_suite, tm
     lean = build_plan(toy_suite, defense="toy-scale", merge="ta", victims=["t10"], evaluate="victim")
     ids = lambda plan: {c.cell_id: c for c in plan.cells}  # noqa: E731
     shared = set(ids(full)) & set(ids(lean))
-    # the references (unprotected, counterfactual), baseline and utility cells are the same measurement;
-    # the protected merge is not
+    # the counterfactual reference, baseline and utility cells are the same measurement; the protected
+    # merge and its unprotected reference (evaluated on the victim only, like it) are not
     assert ({(c.kind, c.defense_label) for i, c in ids(lean).items() if i in shared}
-            == {("baseline", "-"), ("utility", "toy-scale"), ("merge", "none"), ("merge", "counterfactual")})
+            == {("baseline", "-"), ("utility", "toy-scale"), ("merge", "counterfactual")})
     with Store(tmp_path / "r.sqlite") as store:
         run_local(toy_suite, store, lean.cells, run_id="a", log=lambda m: None)
         merged_tasks = {r.defense: {m.task for m in r.metrics if m.role == "merged"} for r in store.cells(kind="merge")}
-    assert merged_tasks == {"none": {"t10", "t20", "t30"}, "counterfactual": {"t10"}, "toy-scale": {"t10"}}
+    assert merged_tasks == {"none": {"t10"}, "counterfactual": {"t10"}, "toy-scale": {"t10"}}
     with pytest.raises(ValueError, match="evaluate"):
         build_plan(toy_suite, evaluate="some")
 

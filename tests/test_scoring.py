@@ -19,14 +19,13 @@ from scored_cells import (  # noqa: E402  (tests/ is on sys.path)
     utility_cell,
 )
 
-from bench import scoring
 from bench.outcomes import encode
 from bench.plan import counterpart_spec, spec_id
+from bench.report import format_table
 from bench.scoring import (
     PairOutcomes,
     ScoringError,
     bootstrap_counts,
-    format_table,
     pair_statistics,
     recovered_fraction,
     score,
@@ -156,7 +155,7 @@ def test_counterpart_spec_finds_the_shared_reference_cells(toy_suite):
         assert (u.filling, z.filling) == ("unprotected", "counterfactual")
         assert u.defense is None and z.defense is None
         assert u.merge.spec() == c.merge.spec() and u.attack.spec() == c.attack.spec()
-        assert u.evaluated_tasks == ("t10", "t20", "t30") and z.evaluated_tasks == ("t10",)
+        assert u.evaluated_tasks == ("t10",) and z.evaluated_tasks == ("t10",)  # as the protected cell
     # one unprotected and one counterfactual cell per pipeline, shared by every defense
     assert sum(c.filling == "unprotected" for c in merges) == 2
     assert not any(c.defense is not None and c.defense.name == "none" for c in merges)
@@ -232,7 +231,7 @@ def test_function_preservation_violation_unranks():
 def test_unprotected_reference_row_recovers_everything():
     entry = score(worked_example(), attacks=ATTACKS, n_bootstrap=50).entry(SUITE, "none")
     assert entry.security == pytest.approx(0.0) and entry.utility == pytest.approx(1.0)
-    assert entry.rank is not None and not entry.attacks_missing
+    assert entry.rank is None and "reference" in entry.unranked_reason and not entry.attacks_missing
 
 
 def test_partner_side_effect_compares_protected_and_unprotected_merges():
@@ -328,16 +327,19 @@ def test_held_out_selection_still_finds_a_dominant_pair():
 
 def test_bad_bootstrap_settings_raise_a_sentence():
     with pytest.raises(ScoringError, match="n_bootstrap"):
-        score([], n_bootstrap=0)
+        score([], attacks=[], n_bootstrap=0)
     with pytest.raises(ScoringError, match="ci_level"):
-        score([], ci_level=1.5)
+        score([], attacks=[], ci_level=1.5)
 
 
-def test_standard_attacks_default_to_every_planned_attack():
-    from bench.plan import standard_attacks as planned
-
-    assert scoring.standard_attacks() == sorted(set(planned()))
-    assert scoring.standard_attacks(["b", "a", "b"]) == ["a", "b"]
+def test_the_standard_attack_set_is_what_the_caller_passes_never_the_installed_plugins():
+    # an empty set: nothing is required, so the entry is complete with the attacks it ran
+    entry = score(worked_example(), attacks=[], n_bootstrap=20).entry(SUITE, "guard")
+    assert entry.complete
+    entry = score(worked_example(), attacks=[*ATTACKS, "unmask"], n_bootstrap=20).entry(SUITE, "guard")
+    assert entry.attacks_missing == ["unmask"]
+    with pytest.raises(TypeError):
+        score(worked_example())  # type: ignore[call-arg]
 
 
 def test_table_lists_overall_then_suites_with_intervals():
@@ -355,7 +357,7 @@ def test_ranking_orders_by_security_and_stability_reports_flips():
                 *pipeline("weak", "align", "ties", p=0.7, u=0.7, z=0.6)[:1]]
     s = score(records, attacks=ATTACKS, n_bootstrap=100)
     ranked = sorted((d for d in s.suites if d.rank), key=lambda d: d.rank)
-    assert [d.defense for d in ranked] == ["guard", "none", "weak"]  # none and weak: security 0, utility 1 > 0.98
+    assert [d.defense for d in ranked] == ["guard", "weak"]  # none is the reference: shown, never ranked
     st = s.stability[SUITE]
     assert st.defenses[0] == "guard" and 0.0 <= st.stable_fraction <= 1.0
 

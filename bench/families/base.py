@@ -134,6 +134,8 @@ class ArchitectureMap:
         return None if best is None else best.index
 
     def missing(self, needed: frozenset[str] | set[str]) -> set[str]:
+        """The features in ``needed`` this architecture lacks: the one applicability rule of defenses
+        (``applies_to``) and attacks (``requires_features``), for the planner and `bench validate` alike."""
         return set(needed) - set(self.features)
 
 

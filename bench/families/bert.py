@@ -8,6 +8,9 @@ BERT is post-LN: ``attention.output.LayerNorm`` and ``output.LayerNorm`` follow 
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import torch
 import transformers
 from torch import nn
@@ -15,10 +18,9 @@ from torch import nn
 from bench.families.base import ATTENTION, MLP, ArchitectureMap, AttentionMap, LayerMap, MLPMap
 from bench.families.family import Family
 from bench.registry import families
-from bench.weights import StateDict
 
 
-@families.register("bert")
+@families.register()
 class BertFamily(Family):
     """``transformers.BertModel`` (no pooling layer) for one ``BertConfig``.
 
@@ -26,6 +28,17 @@ class BertFamily(Family):
     """
 
     name = "bert"
+    hf_model_types = ("bert",)
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], keys: Sequence[str] | None) -> tuple[BertFamily, str]:
+        # BertFor* task models nest the encoder under "bert."; a bare BertModel (sentence-transformers) does not.
+        if keys is not None:
+            key_prefix = "bert." if any(k.startswith("bert.") for k in keys) else ""
+        else:
+            architectures = config.get("architectures") or ["BertModel"]
+            key_prefix = "" if architectures[0] == "BertModel" else "bert."
+        return cls(transformers.BertConfig.from_dict(dict(config))), key_prefix
 
     def __init__(self, config: transformers.BertConfig, init_seed: int | None = None) -> None:
         if not isinstance(config.hidden_act, str):
@@ -132,18 +145,3 @@ class BertFamily(Family):
         )
         norms = tuple(p + f"{m}.LayerNorm.{t}" for m in ("attention.output", "output") for t in ("weight", "bias"))
         return LayerMap(index=i, attention=attention, mlp=mlp, norms=norms, prefix=p)
-
-
-def random_state(family: Family, seed: int) -> StateDict:
-    """A deterministic freshly initialised body of ``family`` (tests and tiny fixtures); the global RNG is untouched."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        module = _fresh_module(family)
-    return {k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def _fresh_module(family: Family) -> nn.Module:
-    # A BertFamily with its own init_seed would ignore ``seed`` in new_module, so build from its config.
-    if isinstance(family, BertFamily):
-        return transformers.BertModel(family.config, add_pooling_layer=False)
-    return family.new_module()

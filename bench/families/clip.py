@@ -14,20 +14,37 @@ CLIP is pre-LN: ``layer_norm1`` / ``layer_norm2`` normalise the inputs of attent
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+from typing import Any
+
 import transformers
 from torch import nn
 
 from bench.families.base import ATTENTION, MLP, ArchitectureMap, AttentionMap, LayerMap, MLPMap
 from bench.families.family import Family
-from bench.families.hf import Prefixed, check_prefix, unwrap
+from bench.families.prefixed import Prefixed, check_prefix, unwrap
 from bench.registry import families
 
 
-@families.register("clip-vision")
+@families.register()
 class ClipVisionFamily(Family):
     """``transformers.CLIPVisionModel`` for one ``CLIPVisionConfig``, its keys under ``prefix``."""
 
     name = "clip-vision"
+    hf_model_types = ("clip", "clip_vision_model")
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], keys: Sequence[str] | None) -> tuple[ClipVisionFamily, str]:
+        if config.get("model_type") == "clip":
+            # Only the vision tower of a full CLIPModel is merged; its keys sit under "vision_model.".
+            return cls(transformers.CLIPConfig.from_dict(dict(config)).vision_config, prefix="vision_model."), ""
+        # transformers 4 saved CLIPVisionModel under "vision_model."; transformers 5 saves it flat.
+        if keys is not None:
+            prefix = "vision_model." if any(k.startswith("vision_model.") for k in keys) else ""
+        else:
+            major = str(config.get("transformers_version", "4")).split(".", 1)[0]
+            prefix = "" if major.isdigit() and int(major) >= 5 else "vision_model."
+        return cls(transformers.CLIPVisionConfig.from_dict(dict(config)), prefix=prefix), ""
 
     def __init__(self, config: transformers.CLIPVisionConfig, prefix: str = "vision_model.") -> None:
         if isinstance(config, transformers.CLIPConfig):

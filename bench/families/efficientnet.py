@@ -57,7 +57,7 @@ class EfficientNetBackbone(_EfficientNet):
         return self._avg_pooling(features).flatten(1)
 
 
-@families.register("efficientnet")
+@families.register()
 class EfficientNetFamily(Family):
     """EfficientNet(-Lite) backbone of one ``model_name``; ``image_size`` fixes the static 'same' padding."""
 

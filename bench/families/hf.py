@@ -6,8 +6,9 @@ the prefix the checkpoint puts in front of the family's body keys (``"bert."`` f
 (only the tensors the family's module has: a full CLIP checkpoint's text tower, a BERT pooler or a
 classifier head stay out), and `replace_body` writes a merged body back into the full checkpoint.
 
-Also here: `Prefixed`, which nests a module under a dotted key prefix (``vision_model.``,
-``model.visual.``) so that a family's body keys can match the checkpoints it is used with.
+Detection is driven by the families registry: a family lists the ``model_type`` values it reads
+(`Family.hf_model_types`) and builds itself from the config (`Family.from_hf_config`), so a new
+family (a third-party one too) is detected without an edit here.
 """
 
 from __future__ import annotations
@@ -19,77 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from bench.families.family import Family
+from bench.registry import RegistryError, families
 from bench.weights import CheckpointError, StateDict, open_checkpoint
-
-SUPPORTED_MODEL_TYPES = ("bert", "clip", "clip_vision_model", "llama")
 
 
 class UnsupportedModelError(CheckpointError):
     """A model directory's ``model_type`` has no family here."""
-
-
-# ---------------------------------------------------------------- key prefixes
-
-
-def check_prefix(prefix: str) -> str:
-    """``prefix`` if it is empty or a dotted path ending in a dot (``"vision_model."``)."""
-    if prefix and (not prefix.endswith(".") or any(not part.isidentifier() for part in prefix[:-1].split("."))):
-        raise ValueError(
-            f"key prefix {prefix!r} must be empty or dotted identifiers ending in '.', e.g. 'vision_model.'"
-        )
-    return prefix
-
-
-class _Hop(nn.Module):
-    """An intermediate container on a `Prefixed` path (holds one child, computes nothing)."""
-
-
-class Prefixed(nn.Module):
-    """Holds ``inner`` under the dotted path ``prefix`` so every state-dict key starts with it.
-
-    ``Prefixed(CLIPVisionModel(cfg), "vision_model.").state_dict()`` has the keys of a full
-    ``CLIPModel``'s vision tower; ``forward`` is ``inner``'s forward, `inner` returns the model, and
-    other attributes (``config``, ``encoder``) are read from it.
-    """
-
-    def __init__(self, inner: nn.Module, prefix: str) -> None:
-        super().__init__()
-        if not check_prefix(prefix):
-            raise ValueError("Prefixed needs a non-empty key prefix such as 'vision_model.'")
-        self._path = tuple(prefix[:-1].split("."))
-        holder: nn.Module = self
-        for part in self._path[:-1]:
-            hop = _Hop()
-            holder.add_module(part, hop)
-            holder = hop
-        holder.add_module(self._path[-1], inner)
-
-    @property
-    def inner(self) -> nn.Module:
-        module: nn.Module = self
-        for part in self._path:
-            module = getattr(module, part)
-        return module
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.inner(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        # Attributes of the held model (``config``, ``encoder``) read through, as on the model itself.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name.startswith("_") or name in self.__dict__.get("_path", ()):  # the path itself is never delegated
-                raise
-            return getattr(self.inner, name)
-
-
-def unwrap(module: nn.Module) -> nn.Module:
-    """The model inside a `Prefixed` wrapper (or ``module`` itself)."""
-    return module.inner if isinstance(module, Prefixed) else module
 
 
 # ---------------------------------------------------------------- bodies of checkpoints
@@ -128,12 +66,6 @@ def replace_body(
     return out
 
 
-def load_body(path: str | os.PathLike) -> tuple[Family, StateDict, str]:
-    """(family, body, key_prefix) of a Hugging Face model directory."""
-    family, key_prefix = detect_family(path)
-    return family, select_body(open_checkpoint(path), family, key_prefix), key_prefix
-
-
 # ---------------------------------------------------------------- detection
 
 
@@ -146,11 +78,26 @@ def detect_family(model_dir_or_config: str | os.PathLike | Mapping[str, Any] | A
     """
     config, keys, where = _read_config(model_dir_or_config)
     model_type = config.get("model_type")
-    if model_type not in SUPPORTED_MODEL_TYPES:
+    readers = model_type_readers()
+    if model_type not in readers:
         raise UnsupportedModelError(
-            f"{where}: model_type {model_type!r} has no family; supported model types: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            f"{where}: model_type {model_type!r} has no family; supported model types: {', '.join(sorted(readers))}"
         )
-    return _DETECTORS[model_type](config, keys)
+    return readers[model_type].from_hf_config(config, keys)
+
+
+def model_type_readers() -> dict[str, type[Family]]:
+    """Hugging Face ``model_type`` -> the registered family that reads it (`Family.hf_model_types`)."""
+    readers: dict[str, type[Family]] = {}
+    for name in families.names():
+        cls = families.get(name)
+        for model_type in cls.hf_model_types:
+            if model_type in readers:
+                raise RegistryError(
+                    f"model_type {model_type!r} is claimed by two families ({readers[model_type].name}, {cls.name})"
+                )
+            readers[model_type] = cls
+    return readers
 
 
 def _read_config(source: Any) -> tuple[dict[str, Any], list[str] | None, str]:
@@ -171,56 +118,3 @@ def _read_config(source: Any) -> tuple[dict[str, Any], list[str] | None, str]:
     if path.is_dir() and any(path.glob("*.safetensors")):
         keys = list(open_checkpoint(path))  # reads the headers only
     return config, keys, str(path)
-
-
-def _has_prefix(keys: list[str], prefix: str) -> bool:
-    return any(k.startswith(prefix) for k in keys)
-
-
-def _bert(config: dict[str, Any], keys: list[str] | None) -> tuple[Family, str]:
-    import transformers
-
-    from bench.families.bert import BertFamily
-
-    # BertFor* task models nest the encoder under "bert."; a bare BertModel (sentence-transformers) does not.
-    if keys is not None:
-        key_prefix = "bert." if _has_prefix(keys, "bert.") else ""
-    else:
-        architectures = config.get("architectures") or ["BertModel"]
-        key_prefix = "" if architectures[0] == "BertModel" else "bert."
-    return BertFamily(transformers.BertConfig.from_dict(config)), key_prefix
-
-
-def _clip_vision(config: dict[str, Any], keys: list[str] | None) -> tuple[Family, str]:
-    import transformers
-
-    from bench.families.clip import ClipVisionFamily
-
-    # transformers 4 saved CLIPVisionModel under "vision_model."; transformers 5 saves it flat.
-    if keys is not None:
-        prefix = "vision_model." if _has_prefix(keys, "vision_model.") else ""
-    else:
-        major = str(config.get("transformers_version", "4")).split(".", 1)[0]
-        prefix = "" if major.isdigit() and int(major) >= 5 else "vision_model."
-    return ClipVisionFamily(transformers.CLIPVisionConfig.from_dict(config), prefix=prefix), ""
-
-
-def _clip(config: dict[str, Any], keys: list[str] | None) -> tuple[Family, str]:
-    import transformers
-
-    from bench.families.clip import ClipVisionFamily
-
-    # Only the vision tower of a full CLIPModel is merged; its keys sit under "vision_model.".
-    vision = transformers.CLIPConfig.from_dict(config).vision_config
-    return ClipVisionFamily(vision, prefix="vision_model."), ""
-
-
-def _llama(config: dict[str, Any], keys: list[str] | None) -> tuple[Family, str]:
-    import transformers
-
-    from bench.families.llama import LlamaFamily
-
-    return LlamaFamily(transformers.LlamaConfig.from_dict(config)), ""
-
-
-_DETECTORS = {"bert": _bert, "clip_vision_model": _clip_vision, "clip": _clip, "llama": _llama}

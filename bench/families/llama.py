@@ -15,6 +15,7 @@ the module's ``state_dict()`` omits it, and loading a body restores the tie thro
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import transformers
@@ -28,11 +29,16 @@ LM_HEAD = "lm_head.weight"
 EMBEDDING = "model.embed_tokens.weight"
 
 
-@families.register("llama")
+@families.register()
 class LlamaFamily(Family):
     """``transformers.LlamaForCausalLM`` for one ``LlamaConfig``."""
 
     name = "llama"
+    hf_model_types = ("llama",)
+
+    @classmethod
+    def from_hf_config(cls, config: Mapping[str, Any], keys: Sequence[str] | None) -> tuple[LlamaFamily, str]:
+        return cls(transformers.LlamaConfig.from_dict(dict(config))), ""
 
     def __init__(self, config: transformers.LlamaConfig) -> None:
         if not isinstance(config.hidden_act, str):

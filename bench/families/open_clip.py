@@ -33,7 +33,7 @@ from torch import nn
 
 from bench.families.base import ATTENTION, FUSED_QKV, MLP, ArchitectureMap, AttentionMap, LayerMap, MLPMap
 from bench.families.family import Family
-from bench.families.hf import Prefixed, check_prefix, unwrap
+from bench.families.prefixed import Prefixed, check_prefix, unwrap
 from bench.registry import families
 from bench.suite import MissingAssetError
 
@@ -49,7 +49,7 @@ _KNOWN_LAYER_KEYS = frozenset(
 Activation = Literal["quick_gelu", "gelu"]
 
 
-@families.register("open-clip-vit")
+@families.register()
 class OpenClipVisionFamily(Family):
     """An open_clip ``VisionTransformer`` of the given sizes, its keys under ``prefix``."""
 

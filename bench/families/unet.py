@@ -66,7 +66,7 @@ class SplitGEGLU(nn.Module):
         return self.up(hidden_states) * F.gelu(self.gate(hidden_states))
 
 
-@families.register("unet")
+@families.register()
 class UNetFamily(Family):
     """A ``UNet2DConditionModel`` for one config (a dict, as ``unet/config.json``), GEGLU projections split."""
 

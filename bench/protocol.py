@@ -1,0 +1,448 @@
+"""The standard protocol: a fixed, ordered, budgeted evaluation of every defense (AutoAttack's idea).
+
+RobustBench made robustness numbers comparable by fixing one parameter-free ensemble, run in order,
+where each attack runs only on the points the previous ones left unbroken (Croce & Hein 2020). The
+same here: a protocol is data (`Protocol`): an ordered list of (attack, merge) **steps** with their
+parameters, a **break threshold**, the replicates (seeds, partner arrangement) and the threat model's
+budget. Steps go cheapest first: plain merges, then algebraic attacks, then the tuned merges, then
+fine-tuning attacks, then AdaMerging.
+
+For each (defense, victim), a step runs only while the defense is not yet broken there: *broken* means
+the held-out recovered fraction of the worst (attack, merge) so far (`bench.scoring`: chosen on one
+half of the test examples, measured on the other) is at or above the threshold. A step's replicates
+run together and are scored together (their interval rests on all of them), so the break decision is
+made per (defense, victim), not per replicate. Each step's unprotected and counterfactual references
+are computed once per victim and shared by every defense, and only while some defense is unbroken on
+that victim, except for the plain-merge steps, whose references are the suite's signal table (`signal`).
+
+Everything a decision rests on is in the store: `walk` re-derives the breaks from stored cells by
+re-scoring the cells of the first k steps, so an export made later, elsewhere, or after a crash reads
+exactly what the run decided. The protocol's name and version are stamped on every export.
+
+Choices where the issue (and AutoAttack) leave room, with the reason:
+
+* *Replicates*: seed 0 with the victim merged with all other tasks (``rest``). Intervals come from
+  the paired bootstrap over test examples (hundreds per victim), so they are not degenerate; a second
+  seed doubles the cost of the text suite and changes only the stochastic plugins (PaRaMS' scaling,
+  DARE, the fine-tuning attacks), which is left to a later version of the protocol.
+* *The attacker's data*: fine-tuning attacks use the whole labelled budget (256 samples), the tuned
+  merges tune on the same 256 samples: the attacker is strong and spends what it is granted.
+* *Algebraic attacks merge by task arithmetic*: they restore the expert's function exactly or not at
+  all, so the merge that follows matters less than the restoration; the tuned merges then run as
+  their own steps on every defense not yet broken.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from bench.plan import Cell, PartnerMode, attack_label, build_plan, counterpart_spec, spec_id
+from bench.plugins import AttackNeeds
+from bench.registry import defenses
+from bench.store import CellRecord, Store
+from bench.suite import Suite
+
+REFERENCE = "none"
+PLAIN = "plain merge"
+"""The step group whose references are always computed: they are the suite's signal table."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """One (attack, merge) of a protocol."""
+
+    attack: str
+    """An attack name or a '+'-composite."""
+    merge: str
+    group: str
+    """'plain merge', 'algebraic', 'tuned merge', 'fine-tuning' or 'adamerging' (for the cost profile)."""
+    evaluate: Literal["all", "victim"] = "victim"
+    """Plain merges evaluate every task (the partners' side effect); other steps the victim only."""
+
+    @property
+    def label(self) -> str:
+        return f"{self.attack} / {self.merge}"
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """A named, versioned, ordered evaluation; see the module docstring."""
+
+    name: str
+    version: str
+    steps: tuple[Step, ...]
+    break_threshold: float
+    seeds: tuple[int, ...]
+    partners: PartnerMode
+    params: Mapping[str, Mapping[str, str]]
+    """Plugin parameters of every step, as ``--param PLUGIN.KEY=VALUE`` would give them."""
+    budget: AttackNeeds
+    description: str = ""
+
+    def stamp(self) -> dict[str, str]:
+        return {"name": self.name, "version": self.version}
+
+    def attacks(self) -> list[str]:
+        return list(dict.fromkeys(s.attack for s in self.steps))
+
+    def merges(self) -> list[str]:
+        return list(dict.fromkeys(s.merge for s in self.steps))
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name, "version": self.version, "description": self.description,
+            "break_threshold": self.break_threshold, "seeds": list(self.seeds), "partners": self.partners,
+            "params": {k: dict(v) for k, v in sorted(self.params.items())},
+            "budget": {"labelled": self.budget.labelled, "unlabelled": self.budget.unlabelled,
+                       "finetune_steps": self.budget.finetune_steps, "knows_defense": self.budget.knows_defense},
+            "steps": [{"index": i, "attack": s.attack, "merge": s.merge, "group": s.group, "evaluate": s.evaluate}
+                      for i, s in enumerate(self.steps)],
+        }
+
+
+def _steps(group: str, attacks: Sequence[str], merges: Sequence[str], evaluate: Literal["all", "victim"] = "victim"
+           ) -> list[Step]:
+    return [Step(a, m, group, evaluate) for a in attacks for m in merges]
+
+
+STANDARD = Protocol(
+    name="standard",
+    version="1",
+    description="every standard attack, tuned merge and AdaMerging, cheapest first; a step runs only on "
+                "(defense, victim) pairs not yet broken",
+    steps=tuple(
+        _steps(PLAIN, ["none"], ["wa", "ta", "ties", "dare-ties"], evaluate="all")
+        + _steps("algebraic", ["unmask", "scale-division", "realign", "realign+scale-division", "revert-attention",
+                               "revert-ffn", "revert-to-base", "taylor-invert", "taylor-invert+realign+scale-division",
+                               "anchor-align", "anchor-align-indep", "taylor-invert+anchor-align"], ["ta"])
+        + _steps("tuned merge", ["none"], ["ta-tuned", "ties-tuned", "dare-ties-tuned"])
+        + _steps("fine-tuning", ["merge-finetune", "graderase", "realign+scale-division+merge-finetune",
+                                 "anchor-align+merge-finetune", "revert-to-base+merge-finetune"], ["ta"])
+        + _steps("adamerging", ["none"], ["adamerging-task", "adamerging-layer"])
+    ),
+    break_threshold=0.9,
+    seeds=(0,),
+    partners="rest",
+    params={"merge-finetune": {"samples": "256"}, "graderase": {"samples": "256"}},
+    budget=AttackNeeds(anchor=True, labelled=256, unlabelled=1024, finetune_steps=1000, knows_defense=True),
+)
+
+PROTOCOLS: dict[str, Protocol] = {STANDARD.name: STANDARD}
+
+
+class ProtocolError(ValueError):
+    """An unknown protocol, or a protocol that does not fit the registered plugins."""
+
+
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ProtocolError(f"unknown protocol {name!r}; known: {', '.join(sorted(PROTOCOLS))}")
+    return PROTOCOLS[name]
+
+
+# ---------------------------------------------------------------- planning
+
+
+def protocol_defenses(selected: str | Sequence[str] | None = None) -> list[str]:
+    """The defenses a protocol run covers: every registered one (third-party plugins too) unless selected."""
+    if selected is None or selected == "all" or list(selected) == ["all"]:
+        return list(defenses.names())
+    names = [n.strip() for n in selected.split(",")] if isinstance(selected, str) else list(selected)
+    for n in names:
+        defenses.get(n)  # unknown names fail here, with a did-you-mean
+    return names
+
+
+def step_cells(protocol: Protocol, suite: Suite, step: Step, defense_names: Sequence[str],
+               victims: Sequence[str] | None = None) -> list[Cell]:
+    """The cells of one step: per victim a baseline, each defense's utility cell, and the step's merge cells
+    (protected, unprotected, counterfactual). Only the step's own attack is kept (the planner always adds
+    the plain merge, which is a step of its own)."""
+    plan = build_plan(suite, defense=list(defense_names) or [REFERENCE], attack=step.attack, merge=step.merge,
+                      seeds=protocol.seeds, victims=victims, partners=protocol.partners, params=protocol.params,
+                      budget=protocol.budget, evaluate=step.evaluate)
+    cells = [c for c in plan.cells if c.kind != "merge" or attack_label(c.attack) == step.attack]
+    if not any(c.kind == "merge" for c in cells):
+        raise ProtocolError(f"step {step.label} plans no merge cell: is attack {step.attack!r} registered?")
+    return cells
+
+
+# ---------------------------------------------------------------- breaks, from stored cells
+
+
+@dataclass
+class VictimWalk:
+    """Where one (defense, victim) stands in the protocol."""
+
+    defense: str
+    victim: str
+    broken_at: int | None = None
+    """Index of the step after which the held-out recovered reached the threshold (None: never broken)."""
+    recovered: float | None = None
+    """The held-out recovered at the break (or after the last step scored)."""
+    missing: list[str] = field(default_factory=list)
+    """Labels of steps it needs (up to its break) whose cells are not all stored."""
+    na: dict[str, str] = field(default_factory=dict)
+    """Step label -> structural N/A reason."""
+
+
+@dataclass
+class Walk:
+    """The protocol's state on one suite, re-derived from stored cells."""
+
+    protocol: Protocol
+    suite: str
+    victims: dict[tuple[str, str], VictimWalk]
+    cell_ids: set[str]
+    """Every planned cell of the steps each (defense, victim) needs, and the shared references."""
+
+    def broken_by(self, defense: str, victim: str) -> str | None:
+        w = self.victims.get((defense, victim))
+        if w is None or w.broken_at is None:
+            return None
+        return self.protocol.steps[w.broken_at].label
+
+    def missing(self, defense: str) -> list[str]:
+        return sorted({f"{w.victim}: {m}" for w in self.victims.values() if w.defense == defense for m in w.missing})
+
+
+def _done(rec: CellRecord | None) -> bool:
+    if rec is None:
+        return False
+    return rec.status == "ok" or (rec.status == "na" and (rec.provenance or {}).get("na_kind", "structural") != "budget")
+
+
+def _references_done(cell: Cell, by_id: Mapping[str, CellRecord]) -> bool:
+    spec = cell.spec()
+    return all(_done(by_id.get(spec_id(counterpart_spec(spec, f)))) for f in ("unprotected", "counterfactual"))
+
+
+class Walker:
+    """Replays the protocol over stored cells, one step at a time: after each step it scores the cells of
+    the steps so far and marks every (defense, victim) whose held-out recovered reached the threshold as
+    broken at that step. `run_protocol` advances it as steps finish; `walk` replays a whole store."""
+
+    def __init__(self, protocol: Protocol, suite: Suite, defense_names: Sequence[str]) -> None:
+        self.protocol, self.suite = protocol, suite
+        self.names = [d for d in defense_names if d != REFERENCE]
+        self.state = {(d, v): VictimWalk(d, v) for d in self.names for v in suite.tasks}
+        self.seen: set[str] = set()
+        self.steps_done = 0
+
+    def needs(self, cell: Cell) -> bool:
+        """Whether the protocol still needs ``cell``: baselines and utility cells; the protected cells of
+        (defense, victim) pairs not yet broken; the references of a plain-merge step (the signal table)
+        and, of other steps, those of victims where some defense is still unbroken."""
+        if cell.kind != "merge":
+            return True
+        if cell.defense is None:
+            step = self.protocol.steps[min(self.steps_done, len(self.protocol.steps) - 1)]
+            return step.group == PLAIN or any(w.broken_at is None for (d, v), w in self.state.items()
+                                              if v == cell.victim)
+        w = self._owner(cell)
+        return w is None or w.broken_at is None
+
+    def _owner(self, cell: Cell) -> VictimWalk | None:
+        if cell.kind != "merge" or cell.defense is None:
+            return None
+        return self.state.get((cell.defense.name, cell.victim))
+
+    def advance(self, cells: Sequence[Cell], by_id: Mapping[str, CellRecord]) -> list[tuple[str, str]]:
+        """Account for the next step's ``cells`` against the stored ``by_id``; returns the pairs it broke."""
+        from bench import scoring
+
+        k = self.steps_done
+        step = self.protocol.steps[k]
+        new = False
+        for c in cells:
+            if not self.needs(c):
+                continue
+            if c.cell_id not in self.seen:
+                self.seen.add(c.cell_id)
+                new = new or c.cell_id in by_id
+            w = self._owner(c)
+            if w is None:
+                continue
+            rec = by_id.get(c.cell_id)
+            if rec is not None and rec.status == "na" and _done(rec):
+                w.na[step.label] = rec.reason
+            elif (not _done(rec) or not _references_done(c, by_id)) and step.label not in w.missing:
+                w.missing.append(step.label)
+        self.steps_done += 1
+        if not new or all(w.broken_at is not None for w in self.state.values()):
+            return []
+        scores = scoring.score([by_id[i] for i in sorted(self.seen) if i in by_id], attacks=[])
+        fresh = []
+        for vs in scores.victims:
+            w = self.state.get((vs.defense, vs.victim))
+            if w is None or w.broken_at is not None:
+                continue
+            w.recovered = vs.best_recovered
+            if vs.best_recovered is not None and vs.best_recovered >= self.protocol.break_threshold:
+                w.broken_at = k
+                fresh.append((vs.defense, vs.victim))
+        return sorted(fresh)
+
+    def result(self) -> Walk:
+        return Walk(self.protocol, self.suite.name, self.state, set(self.seen))
+
+
+def walk(protocol: Protocol, suite: Suite, records: Iterable[CellRecord], defense_names: Sequence[str]) -> Walk:
+    """The protocol's state on ``suite`` re-derived from stored ``records`` (what a run decided)."""
+    by_id = {r.cell_id: r for r in records}
+    walker = Walker(protocol, suite, defense_names)
+    for step in protocol.steps:
+        walker.advance(step_cells(protocol, suite, step, walker.names), by_id)
+    return walker.result()
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass
+class StepReport:
+    index: int
+    step: Step
+    cells: int
+    ran: int
+    seconds: float
+    broken: list[tuple[str, str]]
+    failed: int = 0
+
+
+RunCells = Callable[[Sequence[Cell]], Any]
+"""Runs cells into the store (the local or Ray executor); returns its `RunSummary`."""
+
+
+def run_protocol(protocol: Protocol, suite: Suite, store: Store, defense_names: Sequence[str], run_cells: RunCells,
+                 *, log: Callable[[str], None] = print) -> tuple[Walk, list[StepReport]]:
+    """Run ``protocol`` on ``suite`` for ``defense_names``, step by step, each step only on the (defense,
+    victim) pairs the earlier steps left unbroken. A re-run resumes: stored cells are skipped and the
+    breaks are re-derived from them as the steps are replayed."""
+    walker = Walker(protocol, suite, defense_names)
+    reports: list[StepReport] = []
+    for k, step in enumerate(protocol.steps):
+        todo = [c for c in step_cells(protocol, suite, step, walker.names) if walker.needs(c)]
+        t0 = time.time()
+        summary = run_cells(todo)
+        seconds = time.time() - t0
+        fresh = walker.advance(todo, {r.cell_id: r for r in store.cells(suite=suite.name)})
+        ran = summary.ok + summary.na + summary.failed
+        reports.append(StepReport(k, step, len(todo), ran, seconds, fresh, summary.failed))
+        alive = sorted({w.defense for w in walker.state.values() if w.broken_at is None})
+        log(f"[protocol {protocol.name} v{protocol.version}] step {k + 1}/{len(protocol.steps)} {step.label}: "
+            f"{ran} cells run in {seconds:.0f}s"
+            + (f"; broken now: {', '.join(f'{d} on {v}' for d, v in fresh)}" if fresh else "")
+            + f"; still unbroken somewhere: {', '.join(alive) if alive else 'none'}")
+    return walker.result(), reports
+
+
+# ---------------------------------------------------------------- reading the results
+
+
+def coverage(protocol: Protocol) -> list[tuple[str, str]]:
+    """Every standard attack (registered attacks and their declared composites) and every merge that learns
+    on the attacker's data (tuned merges, AdaMerging), with the step that covers it ('' for a gap). Plain
+    merge variants are the honest merger's choices, not attacks: the protocol covers their families (WA,
+    TA, TIES, DARE) with one step each, since each plain step costs a reference pair per victim."""
+    from bench.plan import standard_attacks
+    from bench.registry import merges
+
+    out = [(a, next((s.label for s in protocol.steps if s.attack == a), "")) for a in standard_attacks()]
+    for m in merges.names():
+        method = merges.get(m)
+        if method.needs_data or method.labelled_param:
+            out.append((m, next((s.label for s in protocol.steps if s.merge == m), "")))
+    return out
+
+
+def stage_profile(records: Iterable[CellRecord], protocol: Protocol) -> list[dict[str, Any]]:
+    """Seconds per (step group, stage) over the cells of a protocol run: where the time goes. ``wall`` is
+    each cell's measured wall time; a stage whose result came from the cache (a shared merge, an
+    artifact) records the seconds it took when computed, so stage columns can exceed ``wall``."""
+    group_of = {(s.attack, s.merge): s.group for s in protocol.steps}
+    totals: dict[tuple[str, str], float] = defaultdict(float)
+    counts: dict[str, int] = defaultdict(int)
+    for r in records:
+        if r.status != "ok":
+            continue
+        group = "baseline" if r.kind == "baseline" else "utility (protect)" if r.kind == "utility" else \
+            group_of.get((r.attack, r.merge), "other")
+        counts[group] += 1
+        timings = (r.provenance or {}).get("timings") or {}
+        for stage, secs in timings.items():
+            # a merge cell records its artifact's protect time, computed once by the utility cell: count it there
+            if isinstance(secs, (int, float)) and not (stage == "protect" and r.kind == "merge"):
+                totals[(group, stage)] += float(secs)
+        wall = (r.provenance or {}).get("wall_seconds")
+        if isinstance(wall, (int, float)):
+            totals[(group, "wall")] += float(wall)
+    groups = sorted({g for g, _ in totals}, key=lambda g: [*_GROUP_ORDER, g].index(g) if g in _GROUP_ORDER else 99)
+    rows = []
+    for g in groups:
+        row: dict[str, Any] = {"group": g, "cells": counts[g]}
+        for stage in ("protect", "prepare", "merge", "finish", "evaluate", "wall"):
+            row[stage] = round(totals.get((g, stage), 0.0), 1)
+        rows.append(row)
+    return rows
+
+
+_GROUP_ORDER = ["baseline", "utility (protect)", "plain merge", "algebraic", "tuned merge", "fine-tuning", "adamerging"]
+
+
+def signal(scores: Any, protocol: Protocol, suite: str) -> list[dict[str, Any]]:
+    """Per victim and plain-attack merge step of ``suite``: the merge gain V_U − V_∅ with its interval (what
+    the victim's model gives the free-rider beyond its partners), read from the reference row's pairs of
+    ``scores`` (`bench.scoring.Scores`)."""
+    merge_steps = [s.merge for s in protocol.steps if s.attack == REFERENCE]
+    rows = []
+    for vs in scores.victim_scores(suite, REFERENCE):
+        for p in vs.pairs:
+            if p.attack != REFERENCE or p.merge not in merge_steps:
+                continue
+            rows.append({"victim": vs.victim, "merge": p.merge, "v_unprotected": p.v_unprotected,
+                         "v_counterfactual": p.v_counterfactual, "gain": p.gain, "gain_ci": p.gain_ci,
+                         "informative": p.informative, "examples": p.examples})
+    rows.sort(key=lambda r: (r["victim"], merge_steps.index(r["merge"])))
+    return rows
+
+
+@dataclass
+class Scope:
+    """What a protocol publishes from a set of stored cells: the cells its steps planned (up to each
+    (defense, victim)'s break), the steps each entry still lacks, and the step that broke each."""
+
+    records: list[CellRecord]
+    missing: dict[tuple[str, str, str], list[str]]
+    broken_by: dict[tuple[str, str, str], str | None]
+    walks: dict[str, Walk]
+    skipped_suites: dict[str, str]
+
+
+def scope(records: Iterable[CellRecord], protocol: Protocol, *, cache_dir: str | None = None) -> Scope:
+    """Walk ``protocol`` over the stored cells of every suite they hold (the defenses walked are those with
+    cells there). A suite whose plugin is not installed cannot be planned and is left out, with the reason."""
+    from bench.registry import RegistryError, suites
+
+    records = list(records)
+    out = Scope([], {}, {}, {}, {})
+    for name in sorted({r.suite for r in records}):
+        own = [r for r in records if r.suite == name]
+        try:
+            suite = suites.get(name)(cache_dir=cache_dir)
+        except RegistryError as exc:
+            out.skipped_suites[name] = str(exc)
+            continue
+        names = sorted({r.defense for r in own if r.kind in ("utility", "merge") and r.filling == "protected"
+                        and r.defense not in (REFERENCE, "-")})
+        w = walk(protocol, suite, own, names)
+        out.walks[name] = w
+        out.records.extend(r for r in own if r.cell_id in w.cell_ids)
+        for (d, v), vw in w.victims.items():
+            out.missing[(name, d, v)] = list(vw.missing)
+            out.broken_by[(name, d, v)] = w.broken_by(d, v)
+    return out

@@ -1,0 +1,186 @@
+"""The standard protocol (`bench.protocol`): ordered steps, breaks, resumption, coverage, and its export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.executors.local import run_local
+from bench.plugins import AttackNeeds
+from bench.protocol import (
+    STANDARD,
+    Protocol,
+    ProtocolError,
+    Step,
+    coverage,
+    get_protocol,
+    run_protocol,
+    scope,
+    stage_profile,
+    step_cells,
+    walk,
+)
+from bench.store import Store
+
+BUDGET = AttackNeeds(anchor=True, labelled=256, unlabelled=1024, finetune_steps=1000, knows_defense=True)
+
+
+def mini(threshold: float = 0.9) -> Protocol:
+    """Three cheap steps on the toy suite; toy-scale (an amplified task vector) is recovered by TIES."""
+    return Protocol(name="mini", version="0", break_threshold=threshold, seeds=(0,), partners="rest", params={},
+                    budget=BUDGET, steps=(Step("none", "ties", "plain merge", "all"),
+                                          Step("revert-to-base", "ta", "algebraic"),
+                                          Step("none", "ta", "plain merge", "all")))
+
+
+def _run(protocol, suite, store, defenses):
+    logs: list[str] = []
+
+    def run_cells(cells):
+        return run_local(suite, store, cells, run_id="p", log=lambda m: None)
+
+    result, reports = run_protocol(protocol, suite, store, defenses, run_cells, log=logs.append)
+    return result, reports, logs
+
+
+def test_standard_protocol_covers_every_standard_attack_and_learned_merge() -> None:
+    gaps = [name for name, step in coverage(STANDARD) if not step]
+    assert gaps == []
+    groups = [s.group for s in STANDARD.steps]
+    # cheapest first: every group's steps are contiguous and in the documented order
+    order = ["plain merge", "algebraic", "tuned merge", "fine-tuning", "adamerging"]
+    assert sorted(groups, key=order.index) == groups
+    assert get_protocol("standard") is STANDARD
+    with pytest.raises(ProtocolError, match="unknown protocol"):
+        get_protocol("nope")
+
+
+def test_a_broken_defense_skips_the_later_steps_and_the_walk_replays_the_run(toy_suite, tmp_path) -> None:
+    protocol = mini()
+    with Store(tmp_path / "r.sqlite") as store:
+        result, reports, logs = _run(protocol, toy_suite, store, ["toy-scale"])
+        records = store.cells()
+    assert len(reports) == 3 and len(logs) == 3 and "step 1/3" in logs[0]
+    broken = {v: w.broken_at for (d, v), w in result.victims.items()}
+    assert set(broken) == set(toy_suite.tasks)
+    assert 0 in broken.values()  # the amplified task vector gives the victim back under TIES
+    protected = [r for r in records if r.kind == "merge" and r.filling == "protected"]
+    for victim, at in broken.items():
+        steps_run = {(r.attack, r.merge) for r in protected if r.victim == victim}
+        needed = protocol.steps if at is None else protocol.steps[:at + 1]
+        assert steps_run == {(s.attack, s.merge) for s in needed}, (victim, at)
+    # plain-merge references run for every victim (the signal table); others only while a defense is unbroken
+    refs = {(r.victim, r.attack, r.merge) for r in records if r.kind == "merge" and r.filling == "unprotected"}
+    assert refs == {(v, s.attack, s.merge) for v in toy_suite.tasks for i, s in enumerate(protocol.steps)
+                    if s.group == "plain merge" or broken[v] is None or broken[v] >= i}
+    replay = walk(protocol, toy_suite, records, ["toy-scale"])
+    assert {k: w.broken_at for k, w in replay.victims.items()} == {k: w.broken_at for k, w in result.victims.items()}
+    assert all(not w.missing for w in replay.victims.values())
+
+
+def test_threshold_above_one_breaks_nothing_so_every_step_runs(toy_suite, tmp_path) -> None:
+    protocol = mini(threshold=1.01)  # recovered is clipped to [0, 1]: nothing can reach it
+    with Store(tmp_path / "r.sqlite") as store:
+        result, _reports, _ = _run(protocol, toy_suite, store, ["toy-scale"])
+        protected = {(r.victim, r.attack, r.merge) for r in store.cells(kind="merge") if r.filling == "protected"}
+    assert all(w.broken_at is None for w in result.victims.values())
+    assert protected == {(v, s.attack, s.merge) for v in toy_suite.tasks for s in protocol.steps}
+
+
+def test_a_rerun_resumes_without_recomputing(toy_suite, tmp_path) -> None:
+    protocol = mini()
+    with Store(tmp_path / "r.sqlite") as store:
+        first, _, _ = _run(protocol, toy_suite, store, ["toy-scale"])
+        n = len(store.cells())
+        second, reports, _ = _run(protocol, toy_suite, store, ["toy-scale"])
+        assert len(store.cells()) == n
+    assert sum(r.ran for r in reports) == 0
+    assert {k: w.broken_at for k, w in first.victims.items()} == {k: w.broken_at for k, w in second.victims.items()}
+
+
+def test_export_under_the_protocol_names_the_breaking_step_and_flags_a_missing_one(toy_suite, tmp_path) -> None:
+    from leaderboard import export as lb_export
+
+    protocol = mini(threshold=1.01)
+    path = tmp_path / "r.sqlite"
+    with Store(path) as store:
+        _run(protocol, toy_suite, store, ["toy-scale"])
+    out = tmp_path / "data"
+    lb_export.export(path, out, protocol=protocol)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["config"]["protocol"]["name"] == "mini" and manifest["config"]["protocol"]["version"] == "0"
+    assert [s["merge"] for s in manifest["config"]["protocol"]["steps"]] == ["ties", "ta", "ta"]
+    entry = next(e for e in manifest["entries"] if e["defense"] == "toy-scale")
+    assert entry["summary"]["complete"] and entry["summary"]["broken_by"] == {v: None for v in toy_suite.tasks}
+    signal = manifest["signal"]["toy"]
+    assert {(r["victim"], r["merge"]) for r in signal} == {(v, m) for v in toy_suite.tasks for m in ("ta", "ties")}
+    # delete one needed protected cell: the entry is incomplete and says which step is missing
+    with Store(path) as store:
+        victim = toy_suite.tasks[0]
+        gone = next(r for r in store.cells(kind="merge") if r.filling == "protected" and r.merge == "ties"
+                    and r.victim == victim)
+        with store._tx() as db:
+            db.execute("DELETE FROM metrics WHERE cell_id = ?", (gone.cell_id,))
+            db.execute("DELETE FROM cells WHERE cell_id = ?", (gone.cell_id,))
+    lb_export.export(path, out, protocol=protocol)
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = next(e for e in manifest["entries"] if e["defense"] == "toy-scale")
+    assert not entry["summary"]["complete"] and entry["summary"]["rank"] is None
+    assert any("none / ties" in m for m in entry["summary"]["attacks_missing"])
+
+
+def test_scope_reads_only_the_protocol_cells(toy_suite, tmp_path) -> None:
+    protocol = mini()
+    with Store(tmp_path / "r.sqlite") as store:
+        _run(protocol, toy_suite, store, ["toy-scale"])
+        # an ad-hoc cell the protocol never planned (another merge) is not published under it
+        from bench.plan import build_plan
+
+        extra = build_plan(toy_suite, defense="toy-scale", merge="wa", victims=[toy_suite.tasks[0]])
+        run_local(toy_suite, store, extra.cells, run_id="x", log=lambda m: None)
+        sc = scope(store.cells(), protocol)
+    assert "wa" not in {r.merge for r in sc.records}
+    assert {r.merge for r in sc.records if r.kind == "merge"} <= {"ta", "ties"}
+    rows = stage_profile(sc.records, protocol)
+    assert {r["group"] for r in rows} >= {"baseline", "plain merge"} and all(r["wall"] >= 0 for r in rows)
+
+
+def test_step_cells_keep_only_the_step_attack(toy_suite) -> None:
+    cells = step_cells(mini(), toy_suite, Step("revert-to-base", "ta", "algebraic"), ["toy-scale"])
+    assert {c.attack_label for c in cells if c.kind == "merge"} == {"revert-to-base"}
+    # the planner's always-added plain merge is a step of its own, not part of this one
+    assert {c.kind for c in cells} == {"baseline", "utility", "merge"}
+    composite = step_cells(mini(), toy_suite, Step("revert-to-base+revert-ffn", "ta", "algebraic"), ["toy-scale"])
+    assert {c.attack_label for c in composite if c.kind == "merge"} == {"revert-to-base+revert-ffn"}
+
+
+def test_cli_show_and_refusals(capsys) -> None:
+    from bench.cli import main
+
+    assert main(["show", "protocol", "standard"]) == 0
+    text = capsys.readouterr().out
+    assert "version 1" in text and "adamerging-layer" in text and "no step covers: none" in text
+    assert main(["run", "--protocol", "standard", "--merge", "ta"]) == 2
+    assert "the protocol fixes" in capsys.readouterr().err
+    assert main(["run", "--protocol", "nope"]) == 2
+
+
+def test_published_cells_import_into_a_store_and_a_protocol_run_continues_from_them(toy_suite, tmp_path) -> None:
+    from bench.cli import main
+    from leaderboard import export as lb_export
+
+    protocol = mini()
+    with Store(tmp_path / "a.sqlite") as store:
+        first, _, _ = _run(protocol, toy_suite, store, ["toy-scale"])
+    lb_export.export(tmp_path / "a.sqlite", tmp_path / "data", protocol=protocol)
+    assert main(["leaderboard", "import", "--from", str(tmp_path / "data"), "--store", str(tmp_path / "b.sqlite")]) == 0
+    with Store(tmp_path / "b.sqlite") as store:
+        again, reports, _ = _run(protocol, toy_suite, store, ["toy-scale"])
+    assert sum(r.ran for r in reports) == 0  # every cell the protocol needs was published
+    assert {k: w.broken_at for k, w in again.victims.items()} == {k: w.broken_at for k, w in first.victims.items()}
+    # and the export of the imported store publishes the same numbers
+    lb_export.export(tmp_path / "b.sqlite", tmp_path / "data2", protocol=protocol)
+    a = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "data2" / "manifest.json").read_text())
+    assert [e["summary"] for e in a["entries"]] == [e["summary"] for e in b["entries"]]

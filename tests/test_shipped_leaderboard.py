@@ -1,0 +1,92 @@
+"""The leaderboard that ships with the repository (`leaderboard/data`): valid, reproducible from its own cells,
+covering every registered defense on every shipped suite, and rendered by a browser without errors."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+from browser import chromium, needs_chromium  # (tests/ is on sys.path)
+
+from leaderboard import export as lb_export
+
+SHIPPED = lb_export.SHIPPED
+EMBEDDED = ("text-minilm", "vision-effnet")
+
+pytestmark = pytest.mark.skipif(not (SHIPPED / "manifest.json").is_file(), reason="no leaderboard data shipped yet")
+
+
+@pytest.fixture(scope="module")
+def shipped() -> tuple[dict, list[dict]]:
+    return lb_export.load_export(SHIPPED)  # validates both kinds against their schemas
+
+
+def test_manifest_hashes_match_the_shipped_files(shipped) -> None:
+    manifest, _ = shipped
+    for f in manifest["files"]:
+        data = (SHIPPED / f["path"]).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == f["sha256"], f["path"]
+        assert len(data) == f["bytes"]
+
+
+def test_shipped_results_come_from_the_standard_protocol(shipped) -> None:
+    from bench.protocol import STANDARD
+
+    manifest, entries = shipped
+    stamp = manifest["config"]["protocol"]
+    assert (stamp["name"], stamp["version"]) == (STANDARD.name, STANDARD.version)
+    assert [(s["attack"], s["merge"]) for s in stamp["steps"]] == [(s.attack, s.merge) for s in STANDARD.steps]
+    for e in entries:
+        assert set(e["summary"]["broken_by"]) == set(e["summary"]["victims"]), e["suite"] + "/" + e["defense"]
+
+
+def test_every_registered_defense_is_on_every_shipped_suite(shipped) -> None:
+    from bench.registry import defenses
+
+    manifest, _ = shipped
+    listed = {(e["suite"], e["defense"]) for e in manifest["entries"]}
+    listed |= {(n["suite"], n["defense"]) for n in manifest["not_applicable"]}
+    builtin = [d for d in defenses.names() if defenses.get(d).__module__.startswith("defenses.")]
+    for suite in manifest["suites"]:
+        absent = [d for d in builtin if (suite, d) not in listed]
+        assert not absent, f"{suite}: {absent}"
+
+
+def test_rescoring_the_shipped_cells_reproduces_every_published_number(shipped, tmp_path: Path) -> None:
+    """What is published is what the code computes from the cells it publishes."""
+    from bench.protocol import STANDARD
+
+    manifest, _ = shipped
+    lb_export.export(lb_export.combine(SHIPPED), tmp_path / "again", protocol=STANDARD)
+    again = json.loads((tmp_path / "again" / "manifest.json").read_text())
+    published = {(e["suite"], e["defense"]): e["summary"] for e in manifest["entries"]}
+    recomputed = {(e["suite"], e["defense"]): e["summary"] for e in again["entries"]}
+    assert recomputed == published
+    assert again["signal"] == manifest["signal"]
+
+
+def test_build_from_the_shipped_data_needs_no_store(tmp_path: Path, monkeypatch) -> None:
+    from bench.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no store in the working directory
+    assert main(["leaderboard", "build", "--out", str(tmp_path / "site")]) == 0
+    index = (tmp_path / "site" / "index.html").read_text()
+    manifest = json.loads((SHIPPED / "manifest.json").read_text())
+    for e in manifest["entries"]:
+        assert f'data-suite="{e["suite"]}" data-defense="{e["defense"]}"' in index
+    assert f'version {manifest["config"]["protocol"]["version"]}' in index
+
+
+@needs_chromium
+def test_the_shipped_site_renders_in_a_browser_without_errors(tmp_path: Path) -> None:
+    from leaderboard.site import build_site
+
+    index = build_site(SHIPPED, tmp_path / "site")
+    dom, console = chromium(tmp_path, index.as_uri(), "--dump-dom")
+    assert console == []
+    manifest = json.loads((SHIPPED / "manifest.json").read_text())
+    rows = dom.count("<tr data-suite=")
+    assert rows == len(manifest["entries"]) + len(manifest["overall"])
+    assert 'class="signal"' in dom and "broken-by" in dom
