@@ -30,7 +30,9 @@ from bench.weights import hash_json
 PartnerMode = Literal["rest", "pairs"]
 Filling = Literal["protected", "unprotected", "counterfactual"]
 FILLINGS: tuple[Filling, ...] = ("protected", "unprotected", "counterfactual")
-NaKind = Literal["structural", "budget"]
+NaKind = Literal["structural", "architecture", "budget"]
+"""'architecture': the defense cannot act on the suite's architecture at all (a structural reason that
+makes the defense no entry there); 'structural': this pipeline cannot combine the release; 'budget'."""
 
 
 @dataclass(frozen=True)
@@ -268,7 +270,7 @@ def applicability(defense: Defense, attack: Attack, merge: MergeChoice, arch: Ar
     """Why a (defense, attack, merge) cannot run on a suite, and the reason's kind; ('', _) when it can."""
     reason = defense_applicability(defense, arch)
     if reason:
-        return reason, "structural"
+        return reason, "architecture"
     reason, kind = pipeline_applicability(attack, merge, arch, budget)
     if reason:
         return reason, kind
@@ -314,8 +316,9 @@ def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: s
         plan.cells.append(Cell("baseline", suite.name, recipe, victim, others, seed))
         for d in defense_objs:
             if d.name != "none":  # the unprotected expert's metric is the baseline cell's
-                plan.cells.append(Cell("utility", suite.name, recipe, victim, others, seed, d,
-                                       na_reason=defense_applicability(d, arch)))
+                reason = defense_applicability(d, arch)
+                plan.cells.append(Cell("utility", suite.name, recipe, victim, others, seed, d, na_reason=reason,
+                                       na_kind="architecture" if reason else "structural"))
         for group in partner_sets(suite.tasks, victim, partners):
             for a, m in itertools.product(attack_objs, merge_objs):
                 reason, kind = pipeline_applicability(a, m, arch, budget)

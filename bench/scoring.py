@@ -882,6 +882,13 @@ def score(records: Iterable[CellRecord], *, attacks: Sequence[str],
         groups[(c.suite, c.defense, c.victim)].append(c)
     for c in ix.unprotected:  # the reference row: the unprotected filling is what defense `none` releases
         groups[(c.suite, REFERENCE, c.victim)].append(c)
+    # A defense that cannot act on a suite's architecture at all (every cell structurally N/A) is no entry
+    # there: `Scores.not_applicable` lists it with the reason.
+    by_entry: dict[tuple[str, str], list[CellRecord]] = defaultdict(list)
+    for (suite, defense, _victim), cells in groups.items():
+        by_entry[(suite, defense)].extend(cells)
+    inapplicable = {key for key, cells in by_entry.items() if key[1] != REFERENCE and _structurally_na(cells)}
+    groups = defaultdict(list, {k: v for k, v in groups.items() if (k[0], k[1]) not in inapplicable})
     victims, draws = [], {}
     for key in sorted(groups):
         vs, data = _VictimScorer(ix, *key, groups[key], standard, n_bootstrap, ci_level, seed,
@@ -1051,6 +1058,16 @@ def _stability(group: list[DefenseScore], draws: dict) -> RankStability:
         b_wins |= tie & (util[i + 1] > util[i])
         flips.append((names[i], names[i + 1], float(np.mean(b_wins))))
     return RankStability(names, (counts / n_draws).tolist(), flips, same / n_draws)
+
+
+def _structurally_na(cells: list[CellRecord]) -> bool:
+    """Every cell N/A because the defense cannot act on the architecture (`bench.plan.NaKind`); cells stored
+    before that kind existed say so in their reason, which the planner words one way."""
+    def inapplicable(c: CellRecord) -> bool:
+        kind = (c.provenance or {}).get("na_kind", "structural")
+        return kind == "architecture" or (kind == "structural" and c.reason.endswith("which this architecture lacks"))
+
+    return all(c.status == "na" and inapplicable(c) for c in cells)
 
 
 def _not_applicable(records: list[CellRecord], suites: list[DefenseScore]) -> list[tuple[str, str, str]]:

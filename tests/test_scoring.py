@@ -377,3 +377,19 @@ def test_selection_prefers_a_pair_recovered_exactly_to_one_that_touches_the_clip
                                np.ones((draws, 1)), tie_break=[(0.0,), (2.0,)],  # the noisy pair is cheaper
                                selection_counts=bootstrap_counts(rng, n, draws, within=sel))
     assert result.index == 1 and result.recovered == 1.0
+
+
+def test_a_defense_that_cannot_act_on_the_architecture_is_listed_not_applicable_not_as_an_entry():
+    na = {"timings": {}, "na_kind": "architecture"}
+    reason = "defense attn-only needs attention, which this architecture lacks"
+    cells = [record(merge_spec("v", ("p",), 0, "attn-only", a, "ta"), [], status="na", reason=reason, provenance=na)
+             for a in ATTACKS]
+    s = score(unique([*worked_example(), *cells]), attacks=ATTACKS, n_bootstrap=20)
+    assert (SUITE, "attn-only") not in {(d.suite, d.defense) for d in s.suites}
+    assert (SUITE, "attn-only", reason) in s.not_applicable
+    # a release no *plain* merge can combine (structural N/A of the pipeline) stays an entry: other attacks may
+    structural = [record(merge_spec("v", ("p",), 0, "taylor", a, "ta"), [], status="na",
+                         reason="defense taylor releases a structure θ_pre does not have", provenance={"na_kind": "structural"})
+                  for a in ATTACKS]
+    s = score(unique([*worked_example(), *structural]), attacks=ATTACKS, n_bootstrap=20)
+    assert (SUITE, "taylor") in {(d.suite, d.defense) for d in s.suites}
