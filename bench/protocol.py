@@ -182,6 +182,13 @@ class VictimWalk:
     victim: str
     broken_at: int | None = None
     """Index of the step after which the held-out recovered reached the threshold (None: never broken)."""
+    applicable: bool = True
+    """False when the defense cannot act on the suite's architecture (its utility cell is N/A): nothing
+    of it runs after the first step, whose N/A cells record why."""
+
+    @property
+    def active(self) -> bool:
+        return self.applicable and self.broken_at is None
     recovered: float | None = None
     """The held-out recovered at the break (or after the last step scored)."""
     missing: list[str] = field(default_factory=list)
@@ -241,10 +248,9 @@ class Walker:
             return True
         if cell.defense is None:
             step = self.protocol.steps[min(self.steps_done, len(self.protocol.steps) - 1)]
-            return step.group == PLAIN or any(w.broken_at is None for (d, v), w in self.state.items()
-                                              if v == cell.victim)
+            return step.group == PLAIN or any(w.active for (d, v), w in self.state.items() if v == cell.victim)
         w = self._owner(cell)
-        return w is None or w.broken_at is None
+        return w is None or w.active or (self.steps_done == 0 and w.broken_at is None)
 
     def _owner(self, cell: Cell) -> VictimWalk | None:
         if cell.kind != "merge" or cell.defense is None:
@@ -259,6 +265,8 @@ class Walker:
         step = self.protocol.steps[k]
         new = False
         for c in cells:
+            if c.kind == "utility" and c.defense is not None and c.na_reason and (c.defense.name, c.victim) in self.state:
+                self.state[(c.defense.name, c.victim)].applicable = False
             if not self.needs(c):
                 continue
             if c.cell_id not in self.seen:
@@ -273,13 +281,13 @@ class Walker:
             elif (not _done(rec) or not _references_done(c, by_id)) and step.label not in w.missing:
                 w.missing.append(step.label)
         self.steps_done += 1
-        if not new or all(w.broken_at is not None for w in self.state.values()):
+        if not new or not any(w.active for w in self.state.values()):
             return []
         scores = scoring.score([by_id[i] for i in sorted(self.seen) if i in by_id], attacks=[])
         fresh = []
         for vs in scores.victims:
             w = self.state.get((vs.defense, vs.victim))
-            if w is None or w.broken_at is not None:
+            if w is None or not w.active:
                 continue
             w.recovered = vs.best_recovered
             if vs.best_recovered is not None and vs.best_recovered >= self.protocol.break_threshold:
@@ -333,7 +341,7 @@ def run_protocol(protocol: Protocol, suite: Suite, store: Store, defense_names: 
         fresh = walker.advance(todo, {r.cell_id: r for r in store.cells(suite=suite.name)})
         ran = summary.ok + summary.na + summary.failed
         reports.append(StepReport(k, step, len(todo), ran, seconds, fresh, summary.failed))
-        alive = sorted({w.defense for w in walker.state.values() if w.broken_at is None})
+        alive = sorted({w.defense for w in walker.state.values() if w.active})
         log(f"[protocol {protocol.name} v{protocol.version}] step {k + 1}/{len(protocol.steps)} {step.label}: "
             f"{ran} cells run in {seconds:.0f}s"
             + (f"; broken now: {', '.join(f'{d} on {v}' for d, v in fresh)}" if fresh else "")

@@ -1074,6 +1074,8 @@ def _not_applicable(records: list[CellRecord], suites: list[DefenseScore]) -> li
     scored = {(s.suite, s.defense) for s in suites}
     reasons: dict[tuple[str, str], set[str]] = defaultdict(set)
     for c in records:
-        if c.kind == "merge" and c.filling == "protected" and c.status == "na" and (c.suite, c.defense) not in scored:
+        inapplicable = c.kind == "utility" and c.status == "na" and _structurally_na([c])
+        if (inapplicable or (c.kind == "merge" and c.filling == "protected" and c.status == "na")) \
+                and (c.suite, c.defense) not in scored:
             reasons[(c.suite, c.defense)].add(c.reason)
     return [(s, d, "; ".join(sorted(r))) for (s, d), r in sorted(reasons.items())]

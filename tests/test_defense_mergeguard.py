@@ -573,17 +573,34 @@ def test_llama_maps_exclude_embed_tokens_final_norm_and_lm_head(tied):
 
 
 @pytest.mark.slow
-def test_mergeguard_on_text_minilm_keeps_utility_within_five_points(tmp_path):
-    """The real suite: utility within 5 points (the paper's worst standalone drop is 4.35, Table 1)."""
+@pytest.mark.parametrize("victim", ["rt-sentiment", "rt-subjectivity", "debate-party", "convention-party"])
+def test_mergeguard_on_text_minilm_clears_the_utility_floor_on_every_victim(tmp_path, victim):
+    """The real suite: utility (artifact / expert) at or above the leaderboard's 0.9 floor on every victim
+    (the paper's worst standalone drop is 4.35 points, Table 1)."""
+    from bench.scoring import UTILITY_FLOOR
     from tasks.text_minilm import TextMiniLM
 
     real = TextMiniLM(cache_dir=tmp_path)
-    victim = real.expert("debate-party")
-    ctx = DefenseContext(
-        suite=real, task="debate-party", base=real.pretrained(), arch=real.arch_map(), family=real.family()
-    )
-    artifact = defenses.get("mergeguard")().protect(victim, ctx)
-    before = real.evaluate(victim.body, victim.head, "debate-party")["accuracy"]
-    after = real.evaluate(artifact.state, artifact.head, "debate-party")["accuracy"]
-    assert after >= before - 0.05
+    expert = real.expert(victim)
+    ctx = DefenseContext(suite=real, task=victim, base=real.pretrained(), arch=real.arch_map(), family=real.family())
+    artifact = defenses.get("mergeguard")().protect(expert, ctx)
+    before = real.evaluate(expert.body, expert.head, victim)["accuracy"]
+    after = real.evaluate(artifact.state, artifact.head, victim)["accuracy"]
+    assert after / before >= UTILITY_FLOOR, (victim, before, after)
     assert 0.05 < artifact.notes["negated_fraction"] <= 0.1
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("victim", ["digits", "mnist5k", "animal-mnist"])
+def test_mergeguard_on_vision_effnet_clears_the_utility_floor_on_every_victim(tmp_path, victim):
+    """The CNN suite (BatchNorm, SGD recipe): utility at or above the 0.9 floor on every victim."""
+    from bench.scoring import UTILITY_FLOOR
+    from tasks.vision_effnet import VisionEffNet
+
+    real = VisionEffNet(cache_dir=tmp_path)
+    expert = real.expert(victim)
+    ctx = DefenseContext(suite=real, task=victim, base=real.pretrained(), arch=real.arch_map(), family=real.family())
+    artifact = defenses.get("mergeguard")().protect(expert, ctx)
+    before = real.evaluate(expert.body, expert.head, victim)["accuracy"]
+    after = real.evaluate(artifact.state, artifact.head, victim)["accuracy"]
+    assert after / before >= UTILITY_FLOOR, (victim, before, after)

@@ -184,3 +184,46 @@ def test_published_cells_import_into_a_store_and_a_protocol_run_continues_from_t
     a = json.loads((tmp_path / "data" / "manifest.json").read_text())
     b = json.loads((tmp_path / "data2" / "manifest.json").read_text())
     assert [e["summary"] for e in a["entries"]] == [e["summary"] for e in b["entries"]]
+
+
+def test_a_defense_that_cannot_act_on_the_architecture_stops_after_the_first_step(toy_suite, tmp_path,
+                                                                                  monkeypatch) -> None:
+    from dataclasses import dataclass
+
+    from bench.artifact import Artifact
+    from bench.plugins import Defense
+    from bench.registry import defenses
+    from leaderboard import export as lb_export
+
+    monkeypatch.setattr(defenses, "_entries", dict(defenses._entries))
+
+    @dataclass(frozen=True)
+    class NoParams:
+        pass
+
+    @defenses.register("conv-only")
+    class ConvOnly(Defense):
+        """Acts on convolutions only: nothing to do on the toy BERT."""
+
+        name = "conv-only"
+        Params = NoParams
+        applies_to = frozenset({"convolution"})
+
+        def protect(self, expert, ctx):
+            return Artifact(state=dict(expert.body))
+
+    protocol = mini(threshold=1.01)
+    path = tmp_path / "r.sqlite"
+    with Store(path) as store:
+        result, reports, logs = _run(protocol, toy_suite, store, ["conv-only"])
+        protected = [r for r in store.cells(kind="merge") if r.filling == "protected"]
+        refs = {(r.victim, r.attack, r.merge) for r in store.cells(kind="merge") if r.filling == "unprotected"}
+    assert all(not w.applicable and not w.missing for w in result.victims.values())
+    assert {(r.attack, r.merge) for r in protected} == {("none", "ties")} and all(r.status == "na" for r in protected)
+    # no defense is active, so only the plain steps' references (the signal table) run
+    assert {(a, m) for _, a, m in refs} == {("none", "ties"), ("none", "ta")}
+    assert "still unbroken somewhere: none" in logs[-1]
+    lb_export.export(path, tmp_path / "data", protocol=protocol)
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    assert "conv-only" not in {e["defense"] for e in manifest["entries"]}
+    assert any(n["defense"] == "conv-only" and "convolution" in n["reason"] for n in manifest["not_applicable"])
