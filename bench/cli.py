@@ -9,11 +9,16 @@
     bench protect --defense D --model DIR --base DIR --out DIR
     bench attack --attack realign,scale-division --artifact DIR --base DIR [--partner DIR] [--merge ta] --out DIR
     bench validate --defense NAME                                         # a plugin on tiny models of every family
-    bench leaderboard export|build|serve
+    bench run --protocol standard --suite vision-effnet [--defense D]        # the standard protocol
+    bench show protocol standard                                          # its ordered steps
+    bench leaderboard export|build|serve|import                           # shipped data in leaderboard/data
     bench reproduce --suite clip-vit-b32-ta8                              # baselines vs the published table
 
 User mistakes (unknown plugin, bad parameter, missing data package, corrupt checkpoint) print one
 line and exit with status 2; no traceback.
+
+The module is over ~500 lines because it is the whole command line in one place: one small
+function per command (which imports what it needs, so `bench --help` stays fast) and the parser.
 """
 
 from __future__ import annotations

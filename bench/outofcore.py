@@ -16,6 +16,9 @@ Three recipes:
 `TopMagnitude` finds the exact k-th largest magnitude of any number of blocks in two passes
 (radix selection on the float32 bit pattern), which is what makes per-tensor and whole-model
 trimming stream: no magnitude vector is ever concatenated or sorted.
+
+It is longer than the house's ~500 lines because the three recipes share their block reader, shard
+writer and threshold passes, which are only correct together; splitting them would scatter one algorithm.
 """
 
 from __future__ import annotations

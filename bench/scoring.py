@@ -50,6 +50,9 @@ Other rules (each pinned by a test in ``tests/test_scoring.py``):
 * *Partner side effect* = mean over partner tasks of (merged partner metric with the protected
   victim − with the unprotected victim), sign-adjusted, from the plain merges when there are any.
 * *Costs*: protect seconds = stage ``protect``; attack seconds = stages ``prepare`` + ``finish``.
+
+This module is longer than the house's ~500 lines because it is one concept, the score, and most of
+it is the rules above, each pinned by a test; the tables that print scores live in `bench.report`.
 """
 
 from __future__ import annotations
