@@ -199,7 +199,7 @@ def test_a_defense_that_cannot_act_on_the_architecture_stops_after_the_first_ste
 
     @dataclass(frozen=True)
     class NoParams:
-        pass
+        """No parameters."""
 
     @defenses.register("conv-only")
     class ConvOnly(Defense):
