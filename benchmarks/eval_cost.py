@@ -9,19 +9,18 @@ from one run:
    ``eval s`` times `Suite.evaluate_examples(..., merged=True)` as the runner calls it (model built
    from the state dict, BatchNorm recalibration on vision-effnet). ``bare fwd s`` times only
    ``model(**inputs)`` under ``torch.no_grad`` over the same inputs, with the model built beforehand;
-   ``eval ÷ bare`` is the overhead of everything else. The ``v1`` columns are the same figures for
-   the previous evaluation path: on text-minilm, batches in test-split order, each padded to its
-   longest (now: tokenised once, length-sorted batches, `bench.bucketing`); on vision-effnet, the
-   default memory layout (now: channels_last). ``same outcomes`` says whether the two paths give
-   identical per-example 0/1 outcomes in test-split order.
+   ``eval ÷ bare`` is the overhead of everything else. On text-minilm the ``v1`` columns are the same
+   figures for the previous path, batches in test-split order each padded to its longest (now:
+   tokenised once, length-sorted batches, `bench.bucketing`), and ``same outcomes`` says whether the
+   two paths give identical per-example 0/1 outcomes in test-split order. On vision-effnet the
+   recalibration pass is timed on its own.
 2. **AdaMerging**, per merge, on ``--ada-suites`` with every task of the suite merged (what `bench run
    --partners rest` merges), seed 0. ``v2`` is version 2's computation (``learn_coefficients(...,
-   tol=0, regroup=False, stacked=False, channels_last=False)``: every step, experts added one at a
-   time, batches as drawn, the default layout). ``v3`` is the registered default (convergence stop,
-   stacked task vectors, length-regrouped steps on token inputs, channels_last on CNNs). Each merged
-   body is evaluated on every task. The table gives each version's mean accuracy, every task's
-   change, the largest change and its paired standard error ``sqrt(discordant) / n`` (the noise of
-   the difference on that test split).
+   tol=0, regroup=False, stacked=False)``: every step, experts added one at a time, batches as
+   drawn). ``v3`` is the registered default (convergence stop, stacked task vectors,
+   length-regrouped steps on token inputs). Each merged body is evaluated on every task. The table
+   gives each version's mean accuracy, every task's change, the largest change and its paired
+   standard error ``sqrt(discordant) / n`` (the noise of the difference on that test split).
 
     .venv/bin/python benchmarks/eval_cost.py --json eval_cost.json        # both tables (~1.5 h on 2 busy cores)
     .venv/bin/python benchmarks/eval_cost.py --parts eval --eval-suites all         # evaluation only (~10 min)
@@ -156,29 +155,18 @@ def eval_text_task(suite: Suite, merged: StateDict, task: str, head: StateDict, 
 
 
 def eval_task(suite: Suite, merged: StateDict, task: str, head: StateDict, repeats: int) -> dict[str, Any]:
-    """The suite's evaluation of a merged body (channels_last, recalibration included) vs version 1's (the
-    default layout), and a bare forward over the test split in each layout."""
-
-    def v1_evaluation() -> Evaluation:
-        model = suite.task_model(merged, head, task)
-        suite.recalibrate(model, task)
-        return accuracy_evaluation(model, suite.batches(task, "test", batch_size=suite.EVAL_BATCH_SIZE))
-
+    """The suite's evaluation of a merged body (recalibration included) vs a bare forward over the test split,
+    and the recalibration pass alone."""
     ev, eval_s = fastest(lambda: suite.evaluate_examples(merged, head, task, merged=True), repeats)
-    old, old_s = fastest(v1_evaluation, repeats)
     model = suite.task_model(merged, head, task)
-    suite.recalibrate(model, task)
-    test = list(suite.batches(task, "test", batch_size=suite.EVAL_BATCH_SIZE))
-    _, bare_v1 = fastest(lambda: bare_forward(model, test), repeats)
-    model = model.to(memory_format=torch.channels_last)
+    _, recal_s = fastest(lambda: suite.recalibrate(model, task), repeats)
+    test = list(suite.batches(task, "test", batch_size=getattr(suite, "EVAL_BATCH_SIZE", 64)))
     _, bare_s = fastest(lambda: bare_forward(model, test), repeats)
     return {
         "suite": suite.name, "task": task, "n": len(ev.examples["accuracy"]),
         "accuracy": round(ev.metrics["accuracy"], 4),
-        "eval s": eval_s, "bare fwd s": bare_s, "eval ÷ bare": eval_s / bare_s,
-        "v1 eval s": old_s, "v1 bare fwd s": bare_v1, "v1 eval ÷ v1 bare": old_s / bare_v1,
-        "v1 ÷ channels_last eval": old_s / eval_s,
-        "same outcomes": bool(np.array_equal(old.examples["accuracy"], ev.examples["accuracy"])),
+        "eval s": eval_s, "bare fwd s": bare_s, "eval ÷ bare": eval_s / bare_s, "recalibration s": recal_s,
+        "(eval − recalibration) ÷ bare": (eval_s - recal_s) / bare_s,
     }
 
 
@@ -193,8 +181,7 @@ def ada_merge(suite: Suite, granularity: str, version: str, args: argparse.Names
     kwargs = {**ADA_DEFAULTS, "steps": args.steps}
     start = time.perf_counter()
     result = learn_coefficients(suite.pretrained(), [e.body for e in experts], ctx, granularity=granularity,
-                                tol=0.0 if legacy else args.tol, regroup=not legacy, stacked=not legacy,
-                                channels_last=not legacy, **kwargs)
+                                tol=0.0 if legacy else args.tol, regroup=not legacy, stacked=not legacy, **kwargs)
     seconds = time.perf_counter() - start
     evals: dict[str, Evaluation] = {t: suite.evaluate_examples(result.state, e.head, t, merged=True)
                                     for t, e in zip(tasks, experts)}
@@ -252,10 +239,13 @@ def main(argv: list[str] | None = None) -> int:
         return loaded[name]
 
     if "eval" in args.parts:
-        rows = [r for name in args.eval_suites for r in eval_rows(get(name), args.repeats)]
-        print_table(f"Evaluation of a merged model (ta λ 0.3 of every expert) vs a bare forward pass over the same "
-                    f"inputs; seconds, fastest of {args.repeats}; {torch.get_num_threads()} torch thread(s)", rows, ".3g")
-        out["eval"] = rows
+        out["eval"] = []
+        for name in args.eval_suites:
+            rows = eval_rows(get(name), args.repeats)
+            print_table(f"{name}: evaluation of a merged model (ta λ 0.3 of every expert) vs a bare forward pass over "
+                        f"the same inputs; seconds, fastest of {args.repeats}; {torch.get_num_threads()} torch thread(s)",
+                        rows, ".3g")
+            out["eval"] += rows
     if "adamerging" in args.parts:
         rows = [r for name in args.ada_suites for r in ada_rows(get(name), args)]
         print_table(f"AdaMerging per merge (every task of the suite merged, seed {args.seed}, at most {args.steps} steps; "

@@ -160,10 +160,7 @@ class VisionEffNet(Suite):
 
     def evaluate_examples(self, body: StateDict | Artifact, head: StateDict, task: str, *,
                           merged: bool = False) -> Evaluation:
-        # channels_last: oneDNN's convolutions without layout reorders, 1.5-1.8x faster on CPU; the same
-        # function up to float rounding, and the same per-example outcomes on every test split checked
-        # (benchmarks/eval_cost.py --eval-suites vision-effnet reports it).
-        model = self.task_model(body, head, task).to(memory_format=torch.channels_last)
+        model = self.task_model(body, head, task)
         if merged:
             self.recalibrate(model, task)
         return accuracy_evaluation(model, self.batches(task, "test", batch_size=self.EVAL_BATCH_SIZE))
