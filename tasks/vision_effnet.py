@@ -108,7 +108,7 @@ class VisionEffNet(Suite):
             },
             "tasks": {t: split_recipe(data.IMAGE_SPECS[t], self.STEPS[t]) for t in self.TASKS},
             "split_seed": data.SPLIT_SEED,
-            "data_version": data.DATA_VERSION,
+            "data_version": data.IMAGE_DATA_VERSION,
             "image_size": self.IMAGE_SIZE,
             "normalisation": "(x-0.5)/0.5, grayscale repeated to 3 channels, bilinear resize",
             "optimizer": {"name": "SGD", "lr": self.LR, "momentum": self.MOMENTUM, "weight_decay": 0.0},

@@ -83,6 +83,30 @@ def test_grouped_split_keeps_each_group_on_one_side():
         data.balanced_split(labels, too_big)
 
 
+def test_grouped_split_draws_the_same_training_set_whatever_the_test_size():
+    # convention-party's test split grew (text data version 2) without retraining on other sentences
+    rng = np.random.default_rng(0)
+    groups = rng.integers(0, 60, size=2000)
+    labels = rng.integers(0, 2, size=2000)
+    small = data.SplitSpec(num_classes=2, train_per_class=300, test_per_class=40, test_group_fraction=0.3)
+    large = data.SplitSpec(num_classes=2, train_per_class=300, test_per_class=120, test_group_fraction=0.3)
+    (train_a, test_a), (train_b, test_b) = (data.balanced_split(labels, s, groups=groups) for s in (small, large))
+    assert sorted(train_a.tolist()) == sorted(train_b.tolist())
+    assert set(test_a.tolist()) < set(test_b.tolist())
+
+
+def test_debate_party_is_sentences_of_statements_that_stay_on_one_side():
+    d = data.load_text_task("debate-party")
+    assert len(d.test.inputs) == 700 and all(len(t.split()) >= 6 for t in d.test.inputs)
+    debates = data._read_csv("presidential_debates_2016.csv.gz").dropna(subset=["statement"])
+    statement_of = {}
+    for i, statement in enumerate(debates["statement"]):
+        for sentence in data.split_sentences(str(statement), min_words=6):
+            statement_of.setdefault(sentence, set()).add(i)
+    sides = [{i for t in split.inputs for i in statement_of[t]} for split in (d.train, d.test)]
+    assert not sides[0] & sides[1]
+
+
 def test_split_sentences_drops_short_fragments():
     text = "He runs a bank in Mumbai. Then it fails! Okay.\nA new plan emerges from the ruins."
     assert data.split_sentences(text, min_words=4) == ["He runs a bank in Mumbai.", "A new plan emerges from the ruins."]
@@ -193,7 +217,8 @@ def test_text_finetune_runs_given_steps_with_regularizer_and_keeps_body_keys(tmp
 def test_text_recipe_records_split_sizes_and_steps_of_whole_epochs(text_suite):
     recipe = text_suite.recipe()
     assert recipe["tasks"]["rt-sentiment"] == {"train": 3000, "test": 500, "steps": 94, "epochs": 1}
-    assert recipe["tasks"]["debate-party"] == {"train": 480, "test": 180, "steps": 45, "epochs": 3}
+    assert recipe["tasks"]["debate-party"] == {"train": 1300, "test": 700, "steps": 123, "epochs": 3}
+    assert recipe["tasks"]["convention-party"]["test"] == 1600 and recipe["data_version"] == 2
     assert recipe["optimizer"]["lr"] == 5e-5 and recipe["batch_size"] == 32 and recipe["max_length"] == 64
     assert text_suite.recipe_hash() == TextMiniLM().recipe_hash()
 
@@ -267,7 +292,7 @@ def test_recalibrate_statistics_returns_a_body_with_fresh_statistics_and_the_sam
 def test_text_minilm_experts_beat_the_pretrained_body(tmp_path):
     suite = TextMiniLM(cache_dir=tmp_path)
     pre = suite.pretrained()
-    # Seed-0 experts measured 0.80 / 0.91 / 0.72 / 0.60; floors leave room for thread-count noise.
+    # Seed-0 experts (text data version 2) measured 0.80 / 0.91 / 0.73 / 0.61; floors leave room for thread-count noise.
     floors = {"rt-sentiment": 0.75, "rt-subjectivity": 0.87, "debate-party": 0.65, "convention-party": 0.56}
     for task in suite.tasks:
         expert = suite.expert(task)
