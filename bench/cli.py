@@ -187,7 +187,7 @@ def _run_protocol(args: argparse.Namespace) -> int:
     from bench.store import Store, check_store_path
 
     fixed = {"--attack": args.attack, "--merge": args.merge, "--seeds": args.seeds, "--partners": args.partners,
-             "--evaluate": args.evaluate, "--victims": args.victims}
+             "--evaluate": args.evaluate}
     given = [flag for flag, value in fixed.items() if value is not None] + (["--param"] if args.param else [])
     if given:
         raise UserError(f"{', '.join(given)}: the protocol fixes these; see `bench show protocol {args.protocol}`")
@@ -214,7 +214,8 @@ def _run_protocol(args: argparse.Namespace) -> int:
             return run_local(suite, store, cells, run_id=run_id, jobs=args.jobs)
 
         t0 = time.time()
-        _walk, reports = run_protocol(protocol, suite, store, names, run_cells)
+        victims = [v.strip() for v in args.victims.split(",") if v.strip()] if args.victims else None
+        _walk, reports = run_protocol(protocol, suite, store, names, run_cells, victims=victims)
         exit_code = max(exit_code, 1 if any(r.failed for r in reports) else 0)
         records = store.cells(suite=suite.name)
         sc = scope(records, protocol, cache_dir=args.cache_dir)
@@ -503,7 +504,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "or all with --protocol)")
     r.add_argument("--attack", default=None, help="attack(s): comma list, A+B composites, or 'all' (none is always included; default none)")
     r.add_argument("--merge", default=None, help="merge method(s): comma list or 'all' (default all)")
-    r.add_argument("--victims", default=None, help="restrict victim tasks (comma list; default every task)")
+    r.add_argument("--victims", default=None, help="restrict victim tasks (comma list; default every task); with "
+                   "--protocol, a slice: the protocol's cells for these victims only")
     r.add_argument("--partners", default=None, choices=["rest", "pairs"], help="merge the victim with all other tasks (rest, the default) or one at a time (pairs)")
     r.add_argument("--evaluate", default=None, choices=["all", "victim"],
                    help="evaluate merged models on every merged task (partner side effects) or on the victim only "

@@ -327,14 +327,20 @@ RunCells = Callable[[Sequence[Cell]], Any]
 
 
 def run_protocol(protocol: Protocol, suite: Suite, store: Store, defense_names: Sequence[str], run_cells: RunCells,
-                 *, log: Callable[[str], None] = print) -> tuple[Walk, list[StepReport]]:
+                 *, victims: Sequence[str] | None = None,
+                 log: Callable[[str], None] = print) -> tuple[Walk, list[StepReport]]:
     """Run ``protocol`` on ``suite`` for ``defense_names``, step by step, each step only on the (defense,
     victim) pairs the earlier steps left unbroken. A re-run resumes: stored cells are skipped and the
-    breaks are re-derived from them as the steps are replayed."""
+    breaks are re-derived from them as the steps are replayed. ``victims`` runs a slice: the same cells
+    for those victims only (partners are still every other task), so the others stay missing and their
+    entries incomplete until a run covers them."""
+    for v in victims or ():
+        suite.check_task(v)
     walker = Walker(protocol, suite, defense_names)
     reports: list[StepReport] = []
     for k, step in enumerate(protocol.steps):
-        todo = [c for c in step_cells(protocol, suite, step, walker.names) if walker.needs(c)]
+        todo = [c for c in step_cells(protocol, suite, step, walker.names)
+                if walker.needs(c) and (not victims or c.victim in victims)]
         t0 = time.time()
         summary = run_cells(todo)
         seconds = time.time() - t0

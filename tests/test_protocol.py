@@ -88,6 +88,28 @@ def test_threshold_above_one_breaks_nothing_so_every_step_runs(toy_suite, tmp_pa
     assert protected == {(v, s.attack, s.merge) for v in toy_suite.tasks for s in protocol.steps}
 
 
+def test_a_victim_slice_runs_the_same_cells_for_that_victim_only(toy_suite, tmp_path) -> None:
+    protocol = mini(threshold=1.01)
+    victim = toy_suite.tasks[0]
+
+    def run_cells(cells):
+        return run_local(toy_suite, store, cells, run_id="p", log=lambda m: None)
+
+    with Store(tmp_path / "slice.sqlite") as store:
+        run_protocol(protocol, toy_suite, store, ["toy-scale"], run_cells, victims=[victim], log=lambda m: None)
+        sliced = {r.cell_id for r in store.cells()}
+        assert {r.victim for r in store.cells()} == {victim}
+        replay = walk(protocol, toy_suite, store.cells(), ["toy-scale"])
+        with pytest.raises(KeyError, match="no task"):
+            run_protocol(protocol, toy_suite, store, ["toy-scale"], run_cells, victims=["nope"], log=lambda m: None)
+    assert not replay.victims[("toy-scale", victim)].missing
+    assert all(replay.victims[("toy-scale", v)].missing for v in toy_suite.tasks[1:])
+    with Store(tmp_path / "full.sqlite") as store:
+        _run(protocol, toy_suite, store, ["toy-scale"])
+        full = {r.cell_id for r in store.cells() if r.victim == victim}
+    assert sliced == full  # the slice's cells are the full run's cells of that victim
+
+
 def test_a_rerun_resumes_without_recomputing(toy_suite, tmp_path) -> None:
     protocol = mini()
     with Store(tmp_path / "r.sqlite") as store:
