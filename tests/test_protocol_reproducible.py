@@ -38,6 +38,9 @@ def test_fresh_protocol_run_reproduces_the_shipped_params_entry(tmp_path: Path) 
     subprocess.run([*bench, "leaderboard", "export", "--store", str(store), "--out", str(tmp_path / "data")],
                    check=True, env=env, timeout=600)
     got = _entry(json.loads((tmp_path / "data" / "manifest.json").read_text()), "vision-effnet", "params")
-    assert got["complete"] and got["broken_by"] == want["broken_by"]
+    # Every victim broken again. The breaking step may differ: freshly fine-tuned experts are not bit-identical
+    # to the shipped ones (thread count, BatchNorm), and a step whose gain is near significance can flip (a
+    # cold run on 2026-12-01 broke MNIST-5k at anchor-align, since revert-ffn's pair there was uninformative).
+    assert got["complete"] and {v for v, s in got["broken_by"].items() if s} == {v for v, s in want["broken_by"].items() if s}
     assert _within(got["security"], want["security"], want["security_ci"]), (got["security"], want["security_ci"])
     assert _within(got["utility"], want["utility"], want["utility_ci"]), (got["utility"], want["utility_ci"])
