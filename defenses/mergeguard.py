@@ -482,9 +482,11 @@ class MergeGuard(Defense):
       and 0.952 with version 3's. Version 2 measured 0.716 mean accuracy on ``text-minilm`` (experts
       0.758) and 0.117 on ``vision-effnet`` (its stage 1 alone 0.957). The standard protocol's
       utility cells (shipped in ``leaderboard/data``) then measured version 3 on the other victims:
-      rt-subjectivity 1.005, MNIST-5k 0.981, Animal-MNIST 0.956 (stage 2 alone 0.980 and 0.932); six of
-      the seven victims clear the 0.9 floor, and convention-party was not measured (its protection
-      did not finish inside the session that ran the protocol). TA merge (λ 0.3,
+      rt-subjectivity 1.005, MNIST-5k 0.981, Animal-MNIST 0.956 (stage 2 alone 0.980 and 0.932). Under
+      text data version 2 (debate-party by sentence, convention-party's 1,600-sentence test split) the
+      protocol's cells measured convention-party 1.000 (expert 0.608; stage 1 alone 1.013, stage 2
+      alone 0.991) and debate-party 1.000 (expert 0.730; 1.020 and 0.961), with rt-sentiment 0.997 and
+      rt-subjectivity 1.005 unchanged: all seven victims clear the 0.9 floor. TA merge (λ 0.3,
       rt-sentiment with the three other tasks): victim accuracy 0.548 protected, 0.566 unprotected,
       0.528 for θ_pre; on this suite the unprotected TA merge is itself near θ_pre.
     * It covers the body (the released, merged part) and not the task head. The paper's CLIP protocol
