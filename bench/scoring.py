@@ -784,8 +784,10 @@ class _VictimScorer:
                 art.append(e)
                 exp.append(e)
                 continue
-            carriers = [c for c in self.cells if c.seed == s and c.status == "ok"]
-            ucell = _utility_cell(self.ix, carriers[0]) if carriers else None
+            same_seed = [c for c in self.cells if c.seed == s]
+            carriers = [c for c in same_seed if c.status == "ok"]
+            # a not-applicable merge cell names the same artifact: utility does not wait for an applicable step
+            ucell = _utility_cell(self.ix, same_seed[0]) if same_seed else None
             source = ucell or next((c for c in carriers if c.find("utility") is not None), None)
             if source is None:
                 continue

@@ -206,6 +206,16 @@ def test_structural_na_excuses_an_attack():
     assert "taylor-invert" in v.attacks_na
 
 
+def test_utility_is_read_even_when_every_merge_so_far_is_not_applicable():
+    # a defense whose release plain merges cannot combine (MergeBarrier's FFN) still has its utility
+    records = [baseline(), utility_cell("barrier", 0.72)]
+    spec = merge_spec("v", ("p",), 0, "barrier", "none", "ta")
+    records.append(record(spec, [], status="na", reason="a structure θ_pre does not have",
+                          provenance={"na_kind": "structural"}))
+    (v,) = score(records, attacks=["none"], n_bootstrap=20).victim_scores(SUITE, "barrier")
+    assert v.utility == pytest.approx(0.8) and v.security is None
+
+
 def test_a_standard_attack_never_run_makes_the_entry_incomplete():
     entry = score(worked_example(), attacks=[*ATTACKS, "unmask"], n_bootstrap=20).entry(SUITE, "guard")
     assert entry.attacks_missing == ["unmask"] and entry.rank is None and entry.has_flag("incomplete")
