@@ -128,6 +128,13 @@ class Cell:
         return spec_id(self.spec())
 
 
+def shared_reference(cell: Cell) -> bool:
+    """An unprotected merge that trains on task data but tunes for no victim (AdaMerging): the same merge of
+    the same experts whichever member is the victim, so it is computed once for all of them."""
+    return (cell.kind == "merge" and cell.filling == "unprotected" and cell.merge is not None
+            and cell.merge.method.needs_data and cell.merge.method.labelled(cell.merge.params) == 0)
+
+
 def counterpart_spec(spec: dict[str, Any], filling: Filling) -> dict[str, Any]:
     """The spec of the merge cell that runs the same pipeline as ``spec`` (suite, recipe, victim, partners,
     attack and merge with their params and versions, seed) with ``filling`` in the victim's slot. The

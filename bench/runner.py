@@ -31,7 +31,7 @@ from bench.artifact import Artifact
 from bench.keys import ArtifactKey, EvalKey, MergeKey, canonical
 from bench.merging import MergeContext
 from bench.outcomes import Evaluation, encode
-from bench.plan import Cell
+from bench.plan import Cell, shared_reference
 from bench.plugins import PRESERVATION_TOLERANCE, AttackContext, DefenseContext
 from bench.store import CellRecord, Metric, Store
 from bench.suite import Expert, NotApplicableError, Suite
@@ -349,6 +349,13 @@ class Runner:
         pre_hash = self.suite.pretrained_hash()
         return Artifact(state=self.suite.pretrained()), {"artifact_hash": pre_hash}, expert.head, [], False
 
+    @staticmethod
+    def _shared_reference(cell: Cell, prepared_hash: str, meta: dict[str, Any]) -> bool:
+        """Whether a freshly computed merge is also every other member's unprotected reference, costly to merge
+        again: an unprotected merge that trains and tunes for no victim (`shared_reference`: AdaMerging), with
+        the expert left as it is by the attack and nothing changed after merging."""
+        return shared_reference(cell) and not cell.attack.has_finish() and prepared_hash == meta["artifact_hash"]
+
     def _merge_cell(self, cell: Cell) -> tuple[list[Metric], dict[str, Any], bool]:
         assert cell.attack and cell.merge
         assert (cell.defense is not None) == (cell.filling == "protected"), "only the protected filling has a defense"
@@ -420,6 +427,11 @@ class Runner:
             worked |= w
             metrics += self._metrics("merged", task, evaluation)
         timings["evaluate"] = round(time.time() - t0, 3)
+        if merged is not None and self._shared_reference(cell, prepared_hash, meta):
+            # Every member's unprotected reference is this same merge (members enter in task order): evaluate it
+            # for the other members now, so their cells find the evaluations cached instead of merging again.
+            for task in heads.keys() - set(tasks):
+                self._evaluate(merged, heads[task], task, merged=True, body_hash=merged_hash)
         hashes = {"pretrained": suite.pretrained_hash(), "expert": self._body_hash(cell.victim, expert.body),
                   "partners": [self._body_hash(t, p.body) for t, p in zip(cell.partners, partners)],
                   "filling": meta["artifact_hash"], "prepared": prepared_hash, "merged": merged_hash}

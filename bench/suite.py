@@ -130,8 +130,15 @@ class Suite(ABC):
     # ------------------------------------------------------------ training hooks (attacks and defenses that train)
 
     def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        """Task loss of ``model`` on ``batch`` (cross-entropy on logits unless a suite says otherwise)."""
-        return nn.functional.cross_entropy(model(**batch.inputs), batch.labels)
+        """Task loss of ``model`` on ``batch``: `output_loss` of its forward pass (a suite overrides that, not this)."""
+        return self.output_loss(model(**batch.inputs), batch)
+
+    def output_loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        """Task loss of a forward pass's ``outputs`` on ``batch`` (cross-entropy on logits unless a suite says otherwise).
+
+        Separate from `loss` so a caller that also needs the outputs (a tuned merge's criterion reads
+        accuracy and loss) runs the model once."""
+        return nn.functional.cross_entropy(outputs, batch.labels)
 
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         """The optimiser of the suite's expert recipe. Attacks that fine-tune (merge-finetune, GradErase and

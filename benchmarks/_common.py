@@ -175,6 +175,15 @@ def available_memory_bytes(device: torch.device | str) -> int | None:
 # ---------------------------------------------------------------- reporting
 
 
+def fastest(fn: Callable[[], T], repeats: int) -> tuple[T, float]:
+    """``(fn(), seconds)`` of the fastest of ``repeats`` calls (the last call's value)."""
+    best, out = float("inf"), None
+    for _ in range(max(1, repeats)):
+        out, seconds = timed(fn)
+        best = min(best, seconds)
+    return out, best  # type: ignore[return-value]
+
+
 def environment() -> dict[str, Any]:
     """Where and when the figures were measured."""
     env: dict[str, Any] = {

@@ -33,13 +33,13 @@ import argparse
 import math
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from _common import comma_list, environment, print_table, timed, write_json
+from _common import comma_list, environment, fastest, print_table, write_json
 
 from bench.bucketing import BucketedBatches
 from bench.merging import MergeContext
@@ -90,14 +90,6 @@ def load_suite(name: str) -> Suite:
     if missing:
         print(f"{name}: fine-tuning the missing expert(s) {', '.join(missing)} first (cached afterwards)", flush=True)
     return suite
-
-
-def fastest(fn: Callable[[], Any], repeats: int) -> tuple[Any, float]:
-    best, out = math.inf, None
-    for _ in range(repeats):
-        out, seconds = timed(fn)
-        best = min(best, seconds)
-    return out, best
 
 
 @torch.no_grad()

@@ -77,8 +77,12 @@ class TaskArithmeticJob:
             if self.drop is not None:
                 self.drop.apply(i, tau, self.buffers[1][:size])
             total += tau
+        return self.finish(total, inputs.base)
+
+    def finish(self, direction: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """θ_pre + λ·Σ τ_i from the direction Σ τ_i: the one step that depends on λ (`merges.tuned` reuses the rest)."""
         # λ·Σ + θ_pre is θ_pre + λ·Σ bit for bit (products and sums commute), without two more temporaries
-        return total.mul_(self.lambda_).add_(inputs.base)
+        return direction.mul_(self.lambda_).add_(base)
 
     def again(self) -> bool:
         return False

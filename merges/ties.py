@@ -265,7 +265,11 @@ class TiesJob:
         merged, tally, ambiguous = elect_and_merge(stacked, self.aggregate, None if self.spec.whole else self.guess, work)
         self.tally += tally
         self.ambiguous |= ambiguous
-        return torch.mul(merged, self.lambda_).add_(inputs.base)  # a new tensor: the workspace is reused
+        return self.finish(merged, inputs.base)
+
+    def finish(self, direction: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        """θ_pre + λ·τ_merged from the direction τ_merged: the one step that depends on λ (`merges.tuned` reuses the rest)."""
+        return torch.mul(direction, self.lambda_).add_(base)  # a new tensor: the workspace is reused
 
     def again(self) -> bool:
         majority = float((self.tally > 0) - (self.tally < 0))

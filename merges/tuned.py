@@ -24,16 +24,26 @@ Choices where the papers leave room (each pinned by a test):
 
 The chosen value, the grid and the criterion's value are recorded in the merge's notes (a cell's
 ``provenance.merge_notes``).
+
+Cost: TA and TIES are θ_pre + λ·D with a direction D (Σ τ_i; TIES's trimmed, elected, disjoint
+merge) that does not depend on λ, so the λ search computes D once (`LinearDirection`) and each
+candidate is one multiply-add per tensor: the same operation the block job ends with
+(``finish``), so every candidate is bit-identical to the plain merge at that λ (tested). DARE's p
+changes which entries are dropped, so dare-ties-tuned merges once per candidate.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache
 from typing import Any
 
 import torch
 
 from bench.merging import MergeContext, MergeMethod, merge_method
+from bench.outofcore import BLOCK_ELEMENTS, TensorSpec, check_expert_tensor, row_blocks, run_job, tensor_dtype
+from bench.params import params_dict
+from bench.plugins import seeded_generator
 from bench.registry import merges
 from bench.weights import StateDict
 
@@ -73,22 +83,19 @@ def _criterion(ctx: MergeContext, merged: StateDict, head: StateDict, batches: S
         logits = model(**batch.inputs)
         correct += int((logits.argmax(-1) == batch.labels).sum())
         total += len(batch.labels)
-        loss += float(ctx.suite.loss(model, batch)) * len(batch.labels)
+        loss += float(ctx.suite.output_loss(logits, batch)) * len(batch.labels)  # the same forward pass
     return correct / total, loss / total
 
 
-def tune(inner: MergeMethod, base: StateDict, experts: list[StateDict], ctx: MergeContext, *, param: str,
-         grid: Sequence[float], samples: int, fixed: dict[str, Any] | None = None) -> StateDict:
-    """The merge of ``inner`` whose ``param`` (over ``grid``) scores best on the labelled victim samples."""
-    if ctx is None:
-        raise TuningError(f"merge method {inner.name}-tuned tunes on labelled victim data and needs a suite context")
-    batches = labelled_victim_batches(ctx, samples)
+def select(ctx: MergeContext, batches: Sequence[Any], *, param: str, grid: Sequence[float],
+           candidate: Callable[[float], StateDict]) -> StateDict:
+    """The ``candidate(value)`` over ``grid`` that scores best on ``batches``; the search is recorded in ``ctx.notes``."""
+    samples = sum(len(b.labels) for b in batches)
     head = ctx.heads[list(ctx.tasks).index(ctx.victim)]
     best: tuple[tuple[float, float, int], float, StateDict] | None = None
     scores = []
     for i, value in enumerate(grid):
-        params = inner.Params(**{**(fixed or {}), param: value})
-        merged = inner.merge(base, experts, params, seed=ctx.seed)
+        merged = candidate(value)
         acc, loss = _criterion(ctx, merged, head, batches)
         scores.append([value, round(acc, 6), round(loss, 6)])
         key = (acc, -loss, -i)
@@ -98,6 +105,82 @@ def tune(inner: MergeMethod, base: StateDict, experts: list[StateDict], ctx: Mer
     ctx.notes.update({"tuned": param, param: best[1], "grid": [list(s) for s in scores],
                       "criterion": "accuracy on the labelled victim samples, then lower loss", "samples": samples})
     return best[2]
+
+
+def _require_ctx(ctx: MergeContext | None, inner: MergeMethod) -> MergeContext:
+    if ctx is None:
+        raise TuningError(f"merge method {inner.name}-tuned tunes on labelled victim data and needs a suite context")
+    return ctx
+
+
+def tune(inner: MergeMethod, base: StateDict, experts: list[StateDict], ctx: MergeContext, *, param: str,
+         grid: Sequence[float], samples: int, fixed: dict[str, Any] | None = None) -> StateDict:
+    """The merge of ``inner`` whose ``param`` (over ``grid``) scores best on the labelled victim samples."""
+    ctx = _require_ctx(ctx, inner)
+    batches = labelled_victim_batches(ctx, samples)  # a bad budget is refused before the first merge
+
+    def candidate(value: float) -> StateDict:
+        return inner.merge(base, experts, inner.Params(**{**(fixed or {}), param: value}), seed=ctx.seed)
+
+    return select(ctx, batches, param=param, grid=grid, candidate=candidate)
+
+
+@cache
+def _direction_job(job_cls: type) -> type:
+    """``job_cls`` whose merged block is its direction (float32, a copy), before λ and θ_pre are applied."""
+    if not callable(getattr(job_cls, "finish", None)):
+        raise TypeError(f"{job_cls.__name__} has no finish(direction, base) step: its merge is not linear in λ")
+    return type(f"{job_cls.__name__}Direction", (job_cls,), {"finish": lambda self, direction, base: direction.clone()})
+
+
+class LinearDirection:
+    """A tensor-wise merge θ_pre + λ·D whose direction D does not depend on λ, with D computed once.
+
+    ``inner`` is a block-job method (`bench.outofcore`) whose job ends with ``finish(direction, base)``
+    (``ta``, ``ties``). D is merged exactly as the plain merge merges it (same blocks, same
+    generator, same passes); `at` applies λ with the operation ``finish`` applies, so ``at(λ)`` is
+    ``inner.merge(..., lambda_=λ)`` bit for bit. Integer buffers come from θ_pre.
+    """
+
+    def __init__(self, inner: MergeMethod, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
+                 params: Any, *, seed: int = 0, block_elements: int = BLOCK_ELEMENTS) -> None:
+        job_cls = _direction_job(getattr(inner.fn, "tensor_job", type(None)))
+        kwargs = params_dict(params)
+        self.base = dict(base)
+        self.directions: dict[str, torch.Tensor] = {}
+        for name in base:
+            shape = check_expert_tensor(base, experts, name)
+            if not tensor_dtype(base, name).is_floating_point:
+                continue
+            spec = TensorSpec(name, shape, len(experts), tuple(row_blocks(shape, block_elements)))
+            job = job_cls(spec, generator=seeded_generator(seed, inner.name, name), **kwargs)
+            row_numel = spec.numel // shape[0] if shape and shape[0] else 1
+            direction = torch.empty(spec.numel)
+            for start, block in run_job(job, spec, base, experts):  # a block merged again overwrites its rows
+                direction[start * row_numel:start * row_numel + block.numel()].copy_(block)
+            self.directions[name] = direction
+
+    def at(self, lambda_: float) -> StateDict:
+        """θ_pre + λ·D in θ_pre's dtypes: the plain merge at ``lambda_``."""
+        merged = {}
+        for name, base in self.base.items():
+            direction = self.directions.get(name)
+            if direction is None:
+                merged[name] = base
+                continue
+            # the jobs' finish: λ·D + θ_pre in float32 (bit for bit θ_pre + λ·D), then θ_pre's dtype
+            value = torch.mul(direction, lambda_).add_(base.float().reshape(-1))
+            merged[name] = value.reshape(base.shape).to(base.dtype)
+        return merged
+
+
+def tune_lambda(inner: MergeMethod, base: StateDict, experts: list[StateDict], ctx: MergeContext, *,
+                grid: Sequence[float], samples: int) -> StateDict:
+    """`tune` over ``lambda_`` for a merge linear in λ: its direction merged once (`LinearDirection`)."""
+    ctx = _require_ctx(ctx, inner)
+    batches = labelled_victim_batches(ctx, samples)
+    direction = LinearDirection(inner, base, experts, inner.Params(), seed=ctx.seed)
+    return select(ctx, batches, param="lambda_", grid=grid, candidate=direction.at)
 
 
 def _inner(name: str) -> MergeMethod:
@@ -113,14 +196,14 @@ def _version(inner: str) -> str:
               paper="Ilharco et al., Editing Models with Task Arithmetic, ICLR 2023 (λ chosen on held-out validation data)")
 def ta_tuned(base: StateDict, experts: list[StateDict], *, ctx: MergeContext, samples: int = 256) -> StateDict:
     """Task arithmetic with λ ∈ {0.1, …, 1.0} chosen on ``samples`` labelled victim training samples."""
-    return tune(_inner("ta"), base, experts, ctx, param="lambda_", grid=TA_GRID, samples=samples)
+    return tune_lambda(_inner("ta"), base, experts, ctx, grid=TA_GRID, samples=samples)
 
 
 @merge_method("ties-tuned", tensorwise=False, needs_data=True, labelled_param="samples", version=_version("ties"),
               paper="Yadav et al., TIES-Merging, NeurIPS 2023 (λ chosen on validation data)")
 def ties_tuned(base: StateDict, experts: list[StateDict], *, ctx: MergeContext, samples: int = 256) -> StateDict:
     """TIES (per-tensor trim, k = 0.2) with λ ∈ {0.2, …, 2.0} chosen on ``samples`` labelled victim samples."""
-    return tune(_inner("ties"), base, experts, ctx, param="lambda_", grid=TIES_GRID, samples=samples)
+    return tune_lambda(_inner("ties"), base, experts, ctx, grid=TIES_GRID, samples=samples)
 
 
 @merge_method("dare-ties-tuned", tensorwise=False, needs_data=True, labelled_param="samples",
@@ -131,5 +214,5 @@ def dare_ties_tuned(base: StateDict, experts: list[StateDict], *, ctx: MergeCont
     return tune(_inner("dare-ties"), base, experts, ctx, param="p", grid=DARE_GRID, samples=samples)
 
 
-__all__ = ["DARE_GRID", "TA_GRID", "TIES_GRID", "TuningError", "dare_ties_tuned", "labelled_victim_batches",
-           "ta_tuned", "ties_tuned", "tune"]
+__all__ = ["DARE_GRID", "TA_GRID", "TIES_GRID", "LinearDirection", "TuningError", "dare_ties_tuned",
+           "labelled_victim_batches", "select", "ta_tuned", "ties_tuned", "tune", "tune_lambda"]

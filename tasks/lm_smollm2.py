@@ -151,8 +151,8 @@ class CausalLMSuite(Suite):
         check_no_head(head, self.name)
         return CausalLM(self.family().build(body)).eval()
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return answer_token_loss(model(**batch.inputs), batch.labels)
+    def output_loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return answer_token_loss(outputs, batch.labels)
 
 
 @suites.register()

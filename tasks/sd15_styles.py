@@ -291,8 +291,8 @@ class SD15Styles(Suite):
     def make_optimizer(self, params: Any) -> torch.optim.Optimizer:
         return torch.optim.AdamW(params, lr=self.LR)
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return F.mse_loss(model(**batch.inputs).float(), batch.labels.float())
+    def output_loss(self, outputs: torch.Tensor, batch: Batch) -> torch.Tensor:
+        return F.mse_loss(outputs.float(), batch.labels.float())
 
     # ------------------------------------------------------------ batches
 

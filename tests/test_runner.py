@@ -310,3 +310,35 @@ def test_structure_changed_release_gets_its_utility_measured_under_attack_none(t
     # a Taylor expansion approximates the expert: it keeps the expert's learned accuracy, not θ_pre's
     assert util.value("utility") == pytest.approx(base.value("expert"), abs=0.1)
     assert base.value("expert") - base.value("pretrained") > 0.2
+
+
+def test_an_adamerging_reference_is_merged_once_for_every_victim(toy_suite, tmp_path, monkeypatch) -> None:
+    """The unprotected AdaMerging merge is the same merge whichever task is the victim: with victim-only
+    evaluation the first victim's cell evaluates it for the others, so it is merged once, not once per victim."""
+    from bench.executors.local import group_cells
+    from bench.merging import MergeMethod
+    from bench.plan import shared_reference
+
+    ada = {"adamerging-task": {"steps": "3", "samples": "16", "batch_size": "8", "batches_per_step": "2"}}
+    plan = build_plan(toy_suite, defense="none", merge="adamerging-task", victims=["t10", "t20", "t30"], params=ada,
+                      evaluate="victim")
+    references = [c for c in plan.cells if shared_reference(c)]
+    assert len(references) == 3 and sum(1 for g in group_cells(plan.cells) if any(map(shared_reference, g))) == 1
+    calls: list[tuple[str, tuple[str, ...]]] = []
+    original = MergeMethod.merge
+
+    def counted(self, base, experts, params=None, *, ctx=None, seed=0):
+        if self.name == "adamerging-task":
+            calls.append((ctx.victim, tuple(ctx.tasks)))
+        return original(self, base, experts, params, ctx=ctx, seed=seed)
+
+    monkeypatch.setattr(MergeMethod, "merge", counted)
+    with Store(tmp_path / "r.sqlite") as store:
+        summary = run_local(toy_suite, store, plan.cells, run_id="a", log=lambda m: None)
+        cells = store.cells(kind="merge", filling="unprotected")
+    assert summary.failed == 0 and len(cells) == 3
+    # three counterfactual merges (θ_pre in each victim's slot) and one unprotected merge
+    assert len(calls) == 4, calls
+    assert len({c.provenance["hashes"]["merged"] for c in cells}) == 1
+    for c in cells:
+        assert [m.task for m in c.metrics if m.role == "merged"] == [c.victim]

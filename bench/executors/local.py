@@ -21,7 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 import torch
 from tqdm import tqdm
 
-from bench.plan import Cell
+from bench.plan import Cell, shared_reference
 from bench.registry import suites
 from bench.runner import Runner, RunSummary, pending
 from bench.store import CellRecord, Store
@@ -45,9 +45,14 @@ def group_cells(cells: Sequence[Cell]) -> list[list[Cell]]:
     """Cells sharing an artifact, in running order: baselines (cheap, they fill the evaluation cache),
     then every group's utility cell and cheap merges, then the merges that train, so a stopped run has
     the most cells. A utility cell joins its defense's cheap merges (same victim, partners, seed), so one
-    worker computes the artifact that they share."""
+    worker computes the artifact that they share. Unprotected merges that train and tune for no victim
+    (AdaMerging) are one group across victims: they are one merge of the same experts, so one worker
+    merges it and the others find it cached (`bench.runner` evaluates it for every member)."""
     groups: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
+        if shared_reference(c):
+            groups[(True, False, "", (), c.defense_label, c.seed)].append(c)
+            continue
         groups[(trains_to_merge(c), c.kind == "baseline", c.victim, c.partners, c.defense_label, c.seed)].append(c)
     return sorted(groups.values(), key=lambda g: (g[0].kind != "baseline", trains_to_merge(g[0])))
 
