@@ -243,12 +243,14 @@ def check_expert_tensor(base: Mapping[str, torch.Tensor], experts: Sequence[Mapp
 
 
 def merge_tensor_blocks(method: Any, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
-                        params: Mapping[str, Any], name: str, *, seed: int = 0,
-                        block_elements: int = BLOCK_ELEMENTS) -> Iterator[tuple[int, torch.Tensor]]:
+                        params: Mapping[str, Any], name: str, *, seed: int = 0, block_elements: int = BLOCK_ELEMENTS,
+                        job: Callable[..., TensorJob] | None = None,
+                        float32: bool = False) -> Iterator[tuple[int, torch.Tensor]]:
     """``(first row, rows)`` of merged tensor ``name`` in θ_pre's dtype, in row blocks when the method has a job.
 
     A method without a job (a plugin written over whole tensors) gets the whole tensor at once.
-    Integer buffers come from θ_pre unchanged.
+    Integer buffers come from θ_pre unchanged. ``job`` replaces the method's block job (a variant of
+    it: `merges.tuned` merges a direction with it); ``float32`` keeps the merged rows in float32.
     """
     shape = check_expert_tensor(base, experts, name)
     dtype = tensor_dtype(base, name)
@@ -258,7 +260,8 @@ def merge_tensor_blocks(method: Any, base: Mapping[str, torch.Tensor], experts: 
             yield rows[0], read_rows(base, name, rows)
         return
     generator = seeded_generator(seed, method.name, name)
-    job_cls = getattr(method.fn, "tensor_job", None)
+    job_cls = job or getattr(method.fn, "tensor_job", None)
+    dtype = torch.float32 if float32 else dtype
     if job_cls is None:
         b = base[name]
         out = method.fn(b.float(), [e[name].float() for e in experts], generator=generator, **params)
@@ -271,10 +274,12 @@ def merge_tensor_blocks(method: Any, base: Mapping[str, torch.Tensor], experts: 
 
 
 def merged_tensor(method: Any, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
-                  params: Mapping[str, Any], name: str, *, seed: int = 0, block_elements: int = BLOCK_ELEMENTS) -> torch.Tensor:
-    """Merged tensor ``name`` whole: its blocks (`merge_tensor_blocks`) written into one output tensor."""
+                  params: Mapping[str, Any], name: str, *, seed: int = 0, block_elements: int = BLOCK_ELEMENTS,
+                  job: Callable[..., TensorJob] | None = None, float32: bool = False) -> torch.Tensor:
+    """Merged tensor ``name`` whole: its blocks (`merge_tensor_blocks`, same options) written into one output tensor."""
     out: torch.Tensor | None = None
-    for start, block in merge_tensor_blocks(method, base, experts, params, name, seed=seed, block_elements=block_elements):
+    for start, block in merge_tensor_blocks(method, base, experts, params, name, seed=seed, block_elements=block_elements,
+                                            job=job, float32=float32):
         if out is None:
             shape = tensor_shape(base, name)
             if start == 0 and tuple(block.shape) == shape:

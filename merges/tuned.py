@@ -41,9 +41,8 @@ from typing import Any
 import torch
 
 from bench.merging import MergeContext, MergeMethod, merge_method
-from bench.outofcore import BLOCK_ELEMENTS, TensorSpec, check_expert_tensor, row_blocks, run_job, tensor_dtype
+from bench.outofcore import BLOCK_ELEMENTS, merged_tensor, tensor_dtype
 from bench.params import params_dict
-from bench.plugins import seeded_generator
 from bench.registry import merges
 from bench.weights import StateDict
 
@@ -144,21 +143,12 @@ class LinearDirection:
 
     def __init__(self, inner: MergeMethod, base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
                  params: Any, *, seed: int = 0, block_elements: int = BLOCK_ELEMENTS) -> None:
-        job_cls = _direction_job(getattr(inner.fn, "tensor_job", type(None)))
+        job = _direction_job(getattr(inner.fn, "tensor_job", type(None)))
         kwargs = params_dict(params)
         self.base = dict(base)
-        self.directions: dict[str, torch.Tensor] = {}
-        for name in base:
-            shape = check_expert_tensor(base, experts, name)
-            if not tensor_dtype(base, name).is_floating_point:
-                continue
-            spec = TensorSpec(name, shape, len(experts), tuple(row_blocks(shape, block_elements)))
-            job = job_cls(spec, generator=seeded_generator(seed, inner.name, name), **kwargs)
-            row_numel = spec.numel // shape[0] if shape and shape[0] else 1
-            direction = torch.empty(spec.numel)
-            for start, block in run_job(job, spec, base, experts):  # a block merged again overwrites its rows
-                direction[start * row_numel:start * row_numel + block.numel()].copy_(block)
-            self.directions[name] = direction
+        self.directions = {name: merged_tensor(inner, base, experts, kwargs, name, seed=seed, block_elements=block_elements,
+                                               job=job, float32=True)
+                           for name in base if tensor_dtype(base, name).is_floating_point}
 
     def at(self, lambda_: float) -> StateDict:
         """θ_pre + λ·D in θ_pre's dtypes: the plain merge at ``lambda_``."""
@@ -169,8 +159,7 @@ class LinearDirection:
                 merged[name] = base
                 continue
             # the jobs' finish: λ·D + θ_pre in float32 (bit for bit θ_pre + λ·D), then θ_pre's dtype
-            value = torch.mul(direction, lambda_).add_(base.float().reshape(-1))
-            merged[name] = value.reshape(base.shape).to(base.dtype)
+            merged[name] = torch.mul(direction, lambda_).add_(base.float()).to(base.dtype)
         return merged
 
 
