@@ -113,13 +113,13 @@ def _require_ctx(ctx: MergeContext | None, inner: MergeMethod) -> MergeContext:
 
 
 def tune(inner: MergeMethod, base: StateDict, experts: list[StateDict], ctx: MergeContext, *, param: str,
-         grid: Sequence[float], samples: int, fixed: dict[str, Any] | None = None) -> StateDict:
+         grid: Sequence[float], samples: int) -> StateDict:
     """The merge of ``inner`` whose ``param`` (over ``grid``) scores best on the labelled victim samples."""
     ctx = _require_ctx(ctx, inner)
     batches = labelled_victim_batches(ctx, samples)  # a bad budget is refused before the first merge
 
     def candidate(value: float) -> StateDict:
-        return inner.merge(base, experts, inner.Params(**{**(fixed or {}), param: value}), seed=ctx.seed)
+        return inner.merge(base, experts, inner.Params(**{param: value}), seed=ctx.seed)
 
     return select(ctx, batches, param=param, grid=grid, candidate=candidate)
 
