@@ -3,8 +3,10 @@
 Every pipeline (victim, partners, attack, merge, seed) is planned with three fillings of the
 victim's slot (DESIGN §4): the protected artifact of each defense ('protected'), the unprotected
 expert ('unprotected') and θ_pre ('counterfactual': the same free-rider, data and partners without
-the victim). The last two do not depend on the defense: one cell each serves every defense, and
-`counterpart_spec` is the one rule that finds them from a protected cell's spec.
+the victim). The last two run the attack's *honest counterpart* (`Attack.counterpart`: what the same
+free-rider, with the same data, runs on an unprotected release) and do not depend on the defense: one
+cell each serves every defense and every attack with that counterpart, and `counterpart_spec` is the
+one rule that finds them from a protected cell's spec.
 
 Cells that cannot run are kept with an N/A reason and its kind: *structural* (a defense that needs
 attention on a CNN, a structure-changed release merged by an attack that cannot restore the
@@ -14,16 +16,18 @@ budget grants: a misconfiguration, never an excuse), so the results say *why* a 
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from bench.families.base import ArchitectureMap
 from bench.merging import MergeMethod, merge_method_by_name
-from bench.params import params_dict, parse_params
+from bench.params import ParamError, params_dict, parse_params
 from bench.plugins import DEFAULT_BUDGET, Attack, AttackNeeds, CompositeAttack, Defense
-from bench.registry import attacks, defenses, merges
+from bench.registry import RegistryError, attacks, defenses, merges
 from bench.suite import Suite
 from bench.weights import hash_json
 
@@ -135,22 +139,68 @@ def shared_reference(cell: Cell) -> bool:
             and cell.merge.method.needs_data and cell.merge.method.labelled(cell.merge.params) == 0)
 
 
+def attack_from_spec(spec: Mapping[str, Any]) -> Attack:
+    """The installed attack (or '+'-composite) a stored attack spec names, with the spec's params.
+    Raises `RegistryError` (not installed) or `ParamError` (params it no longer accepts)."""
+    name, params = str(spec.get("name", "")), spec.get("params") or {}
+    if "+" in name:
+        return CompositeAttack([attacks.get(part).from_overrides(params.get(part) or {}) for part in name.split("+")])
+    return attacks.get(name).from_overrides(params)
+
+
+@functools.lru_cache(maxsize=4096)
+def _counterpart_attack(frozen: str) -> str:
+    spec = json.loads(frozen)
+    if spec.get("name") == "none":
+        return frozen
+    try:
+        attack = attack_from_spec(spec)
+    except (RegistryError, ParamError, TypeError, ValueError):
+        return frozen  # a plugin no longer installed: read against its own pipeline (the rule before scoring v3)
+    own, other = attack.spec(), attack.counterpart().spec()
+    return frozen if other == own else json.dumps(other, sort_keys=True)
+
+
+def counterpart_attack_spec(spec: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """The spec of the attack's honest counterpart (`Attack.counterpart`); the spec itself when the attack is
+    its own counterpart (so a stored cell of an older plugin version still finds its own references)."""
+    if spec is None:
+        return None
+    return json.loads(_counterpart_attack(json.dumps(spec, sort_keys=True)))
+
+
 def counterpart_spec(spec: dict[str, Any], filling: Filling) -> dict[str, Any]:
-    """The spec of the merge cell that runs the same pipeline as ``spec`` (suite, recipe, victim, partners,
-    attack and merge with their params and versions, seed) with ``filling`` in the victim's slot. The
-    unprotected and counterfactual fillings carry no defense and are evaluated as `Cell.evaluated_tasks`
-    says, so one such cell serves every defense; a protected cell evaluated on the victim only is read
-    against an unprotected cell evaluated the same way."""
+    """The spec of the merge cell that runs ``spec``'s pipeline (suite, recipe, victim, partners, merge with its
+    params and version, seed) with ``filling`` in the victim's slot. The unprotected and counterfactual
+    fillings carry no defense and run the attack's *honest counterpart* (`Attack.counterpart`: ``none`` for a
+    data-free undo attack, plain merge-finetune for GradErase), so one such cell serves every defense and every
+    attack with that counterpart, and an attack is never credited for what it destroys in the unprotected
+    expert. They are evaluated as `Cell.evaluated_tasks` says; a protected cell evaluated on the victim only is
+    read against an unprotected cell evaluated the same way, or one evaluated on every task
+    (`reference_ids`)."""
     if spec.get("kind") != "merge":
         raise ValueError(f"only merge cells have counterparts; this is a {spec.get('kind')!r} cell")
     if filling not in FILLINGS:
         raise ValueError(f"unknown filling {filling!r}; use one of {', '.join(FILLINGS)}")
     out = {k: v for k, v in spec.items() if k not in ("defense", "evaluate", "filling")}
     out["defense"] = None if filling != "protected" else spec.get("defense")
+    if filling != "protected":
+        out["attack"] = counterpart_attack_spec(spec.get("attack"))
     out["filling"] = filling
     if filling != "counterfactual" and "evaluate" in spec:
         out["evaluate"] = spec["evaluate"]
     return out
+
+
+def reference_ids(spec: dict[str, Any], filling: Filling) -> tuple[str, ...]:
+    """Store keys of the ``filling`` reference of a protected cell, in the order to try them: the counterpart
+    evaluated as the protected cell was, then the same merge evaluated on every task (its victim metric is
+    the same: the merged model does not depend on which tasks it is evaluated on)."""
+    exact = counterpart_spec(spec, filling)
+    ids = [spec_id(exact)]
+    if "evaluate" in exact:
+        ids.append(spec_id({k: v for k, v in exact.items() if k != "evaluate"}))
+    return tuple(ids)
 
 
 def spec_id(spec: dict[str, Any]) -> str:
@@ -327,11 +377,17 @@ def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: s
                 plan.cells.append(Cell("utility", suite.name, recipe, victim, others, seed, d, na_reason=reason,
                                        na_kind="architecture" if reason else "structural"))
         for group in partner_sets(suite.tasks, victim, partners):
+            planned: set[str] = set()
             for a, m in itertools.product(attack_objs, merge_objs):
-                reason, kind = pipeline_applicability(a, m, arch, budget)
+                # the references run the attack's honest counterpart, shared by every attack that has it
+                ref = a.counterpart()
+                reason, kind = pipeline_applicability(ref, m, arch, budget)
                 for filling in ("unprotected", "counterfactual"):
-                    plan.cells.append(Cell("merge", suite.name, recipe, victim, group, seed, None, a, m, reason,
-                                           evaluate_partners=evaluate == "all", filling=filling, na_kind=kind))
+                    cell = Cell("merge", suite.name, recipe, victim, group, seed, None, ref, m, reason,
+                                evaluate_partners=evaluate == "all", filling=filling, na_kind=kind)
+                    if cell.cell_id not in planned:
+                        planned.add(cell.cell_id)
+                        plan.cells.append(cell)
                 for d in defense_objs:
                     if d.name == "none":
                         continue
@@ -353,5 +409,6 @@ def parse_param_args(items: Sequence[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-__all__ = ["FILLINGS", "Cell", "Filling", "MergeChoice", "Plan", "build_plan", "counterpart_spec", "spec_id", "make_attacks", "make_defense", "make_merge",
+__all__ = ["FILLINGS", "Cell", "Filling", "MergeChoice", "Plan", "attack_from_spec", "build_plan", "counterpart_attack_spec", "counterpart_spec",
+           "reference_ids", "spec_id", "make_attacks", "make_defense", "make_merge",
            "parse_param_args", "params_dict", "standard_attacks"]

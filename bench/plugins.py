@@ -228,6 +228,22 @@ class Attack(Plugin):
         cached merge may not stand in for this pipeline (the one rule; a composite asks its steps)."""
         return type(self).finish is not Attack.finish
 
+    def counterpart(self) -> Attack:
+        """The honest counterpart (DESIGN §4): what a free-rider with this attack's data budget runs on an
+        *unprotected* release. Its U and ∅ cells are this attack's references, so the attack is credited only
+        for what it takes from the protected model, never for what it would destroy in the unprotected one.
+
+        Default: an attack that uses no samples and no fine-tuning (an undo attack: realign, scale-division,
+        anchor-align, revert-*, taylor-invert, unmask) has nothing to undo on an unprotected release, so the
+        free-rider just merges: ``none``. An attack that uses data is its own counterpart unless it says
+        otherwise (GradErase's is plain merge-finetune with the same samples)."""
+        needs = self.needs()
+        if needs.labelled or needs.unlabelled or needs.finetune_steps:
+            return self
+        from bench.registry import attacks
+
+        return attacks.get("none")()
+
 
 class CompositeAttack(Attack):
     """Several attacks in order: every ``prepare`` before the merge, every ``finish`` after it."""
@@ -250,6 +266,16 @@ class CompositeAttack(Attack):
 
     def has_finish(self) -> bool:
         return any(s.has_finish() for s in self.steps)
+
+    def counterpart(self) -> Attack:
+        """The composition of the steps' counterparts, ``none`` steps dropped (realign+scale-division+merge-finetune
+        -> merge-finetune; realign+scale-division -> none)."""
+        parts = [c for c in (s.counterpart() for s in self.steps) if c.name != "none"]
+        if not parts:
+            from bench.registry import attacks
+
+            return attacks.get("none")()
+        return parts[0] if len(parts) == 1 else CompositeAttack(parts)
 
     def spec(self) -> dict[str, Any]:
         return {"name": self.name, "version": "+".join(s.version for s in self.steps),

@@ -8,8 +8,10 @@ budget. Steps go cheapest first: plain merges, then algebraic attacks, then the 
 fine-tuning attacks, then AdaMerging.
 
 For each (defense, victim), a step runs only while the defense is not yet broken there: *broken* means
-the held-out recovered fraction of the worst (attack, merge) so far (`bench.scoring`: chosen on one
-half of the test examples, measured on the other) is at or above the threshold. A step's replicates
+the recovered fraction of the worst (attack, merge) so far, read on the **selection half** of the test
+examples (`bench.scoring`: the pair is chosen there and reported on the other, held-out half), is at or
+above the threshold. The held-out half never steers a stop (no optional stopping): the value an entry
+reports was not looked at when the protocol decided to stop, so it stays unbiased. A step's replicates
 run together and are scored together (their interval rests on all of them), so the break decision is
 made per (defense, victim), not per replicate. Each step's unprotected and counterfactual references
 are computed once per victim and shared by every defense, and only while some defense is unbroken on
@@ -37,10 +39,20 @@ from __future__ import annotations
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from bench.plan import Cell, PartnerMode, attack_label, build_plan, counterpart_spec, spec_id
+from bench.keys import canonical
+from bench.plan import (
+    Cell,
+    PartnerMode,
+    attack_label,
+    build_plan,
+    defense_applicability,
+    make_attacks,
+    make_defense,
+    reference_ids,
+)
 from bench.plugins import AttackNeeds
 from bench.registry import defenses
 from bench.store import CellRecord, Store
@@ -159,13 +171,27 @@ def protocol_defenses(selected: str | Sequence[str] | None = None) -> list[str]:
 
 def step_cells(protocol: Protocol, suite: Suite, step: Step, defense_names: Sequence[str],
                victims: Sequence[str] | None = None) -> list[Cell]:
-    """The cells of one step: per victim a baseline, each defense's utility cell, and the step's merge cells
-    (protected, unprotected, counterfactual). Only the step's own attack is kept (the planner always adds
-    the plain merge, which is a step of its own)."""
+    """The cells of one step: per victim a baseline, each defense's utility cell, the step's protected merge
+    cells, and the unprotected and counterfactual cells of the step attack's honest counterpart
+    (`Attack.counterpart`). Where the counterpart's pipeline is itself a step that evaluates every task (an
+    undo attack's ``none / ta`` is the plain-merge step), its references are that step's cells, not copies
+    evaluated on the victim only, so no reference is computed twice."""
     plan = build_plan(suite, defense=list(defense_names) or [REFERENCE], attack=step.attack, merge=step.merge,
                       seeds=protocol.seeds, victims=victims, partners=protocol.partners, params=protocol.params,
                       budget=protocol.budget, evaluate=step.evaluate)
-    cells = [c for c in plan.cells if c.kind != "merge" or attack_label(c.attack) == step.attack]
+    counterparts = {canonical(a.counterpart().spec()) for a in make_attacks(step.attack, protocol.params)}
+    everywhere = {(s.attack, s.merge) for s in protocol.steps if s.evaluate == "all"}
+    cells = []
+    for c in plan.cells:
+        if c.kind != "merge":
+            cells.append(c)
+        elif c.filling == "protected":
+            if attack_label(c.attack) == step.attack:
+                cells.append(c)
+        elif canonical(c.attack.spec()) in counterparts:
+            if c.filling == "unprotected" and (attack_label(c.attack), step.merge) in everywhere:
+                c = replace(c, evaluate_partners=True)
+            cells.append(c)
     if not any(c.kind == "merge" for c in cells):
         raise ProtocolError(f"step {step.label} plans no merge cell: is attack {step.attack!r} registered?")
     return cells
@@ -181,7 +207,7 @@ class VictimWalk:
     defense: str
     victim: str
     broken_at: int | None = None
-    """Index of the step after which the held-out recovered reached the threshold (None: never broken)."""
+    """Index of the step after which the selection-half recovered reached the threshold (None: never broken)."""
     applicable: bool = True
     """False when the defense cannot act on the suite's architecture (its utility cell is N/A): nothing
     of it runs after the first step, whose N/A cells record why."""
@@ -190,7 +216,8 @@ class VictimWalk:
     def active(self) -> bool:
         return self.applicable and self.broken_at is None
     recovered: float | None = None
-    """The held-out recovered at the break (or after the last step scored)."""
+    """The selection-half recovered of the worst pair at the break (or after the last step scored): what the
+    decision read. The reported value is the held-out one (`bench.scoring`)."""
     missing: list[str] = field(default_factory=list)
     """Labels of steps it needs (up to its break) whose cells are not all stored."""
     na: dict[str, str] = field(default_factory=dict)
@@ -225,12 +252,12 @@ def _done(rec: CellRecord | None) -> bool:
 
 def _references_done(cell: Cell, by_id: Mapping[str, CellRecord]) -> bool:
     spec = cell.spec()
-    return all(_done(by_id.get(spec_id(counterpart_spec(spec, f)))) for f in ("unprotected", "counterfactual"))
+    return all(any(_done(by_id.get(i)) for i in reference_ids(spec, f)) for f in ("unprotected", "counterfactual"))
 
 
 class Walker:
     """Replays the protocol over stored cells, one step at a time: after each step it scores the cells of
-    the steps so far and marks every (defense, victim) whose held-out recovered reached the threshold as
+    the steps so far and marks every (defense, victim) whose selection-half recovered reached the threshold as
     broken at that step. `run_protocol` advances it as steps finish; `walk` replays a whole store."""
 
     def __init__(self, protocol: Protocol, suite: Suite, defense_names: Sequence[str]) -> None:
@@ -283,14 +310,20 @@ class Walker:
         self.steps_done += 1
         if not new or not any(w.active for w in self.state.values()):
             return []
-        scores = scoring.score([by_id[i] for i in sorted(self.seen) if i in by_id], attacks=[])
+        # only the pairs still in play are re-scored (their protected cells, and every shared reference)
+        active = {(w.defense, w.victim) for w in self.state.values() if w.active}
+        live = [r for i in sorted(self.seen) if (r := by_id.get(i)) is not None
+                and (r.kind != "merge" or r.filling != "protected" or (r.defense, r.victim) in active)
+                and (r.kind != "utility" or (r.defense, r.victim) in active)]
+        scores = scoring.score(live, attacks=[])
         fresh = []
         for vs in scores.victims:
             w = self.state.get((vs.defense, vs.victim))
             if w is None or not w.active:
                 continue
-            w.recovered = vs.best_recovered
-            if vs.best_recovered is not None and vs.best_recovered >= self.protocol.break_threshold:
+            # decided on the selection half only: the held-out half, which the entry reports, never steers a stop
+            w.recovered = vs.selection_recovered
+            if vs.selection_recovered is not None and vs.selection_recovered >= self.protocol.break_threshold:
                 w.broken_at = k
                 fresh.append((vs.defense, vs.victim))
         return sorted(fresh)
@@ -435,6 +468,9 @@ class Scope:
     broken_by: dict[tuple[str, str, str], str | None]
     walks: dict[str, Walk]
     skipped_suites: dict[str, str]
+    not_applicable: list[tuple[str, str, str]] = field(default_factory=list)
+    """(suite, defense, reason) of every registered defense that cannot act on a suite's architecture, from
+    the planner's rule (`bench.plan.defense_applicability`), so it is listed even with no stored cell."""
 
 
 def scope(records: Iterable[CellRecord], protocol: Protocol, *, cache_dir: str | None = None) -> Scope:
@@ -455,6 +491,11 @@ def scope(records: Iterable[CellRecord], protocol: Protocol, *, cache_dir: str |
                         and r.defense not in (REFERENCE, "-")})
         w = walk(protocol, suite, own, names)
         out.walks[name] = w
+        arch = suite.arch_map()
+        for d in defenses.names():
+            reason = defense_applicability(make_defense(d), arch)
+            if reason:
+                out.not_applicable.append((name, d, reason))
         out.records.extend(r for r in own if r.cell_id in w.cell_ids)
         for (d, v), vw in w.victims.items():
             out.missing[(name, d, v)] = list(vw.missing)

@@ -34,8 +34,10 @@ from bench.protocol import Protocol, Scope
 from bench.scoring import DefenseScore, PairScore, Scores, VictimScore
 from bench.store import CellRecord, Metric, Store
 
-SCHEMA_VERSION = 2
-"""2: counterfactual scores: pairs carry V_P, V_U, V_∅, gain and intervals; victims their held-out worst case."""
+SCHEMA_VERSION = 3
+"""2: counterfactual scores: pairs carry V_P, V_U, V_∅, gain and intervals; victims their held-out worst case.
+3: scoring version 3: pairs name their honest counterpart (and, entry-level, the victims they cover), rank
+bands, the selection-half value the protocol's breaks read, one break threshold (``broken``, ``broken_on``)."""
 SCHEMA_DIR = Path(__file__).resolve().parent / "schema"
 SHIPPED = Path(__file__).resolve().parent / "data"
 """The results that ship with the repository (`bench leaderboard export` writes them, `build` reads them)."""
@@ -59,17 +61,75 @@ class Cells:
 
 
 def combine(*sources: Any) -> Cells:
-    """Cells of every source, later sources winning where a cell is in several."""
+    """Cells of every source, later sources winning where a cell is in several. Refused when the sources were
+    built from different experts (content hashes of the victim, partner and θ_pre bodies): their cells must
+    never pair or supersede each other (`bench leaderboard build --with-shipped` keeps them apart instead)."""
+    from bench.scoring.cells import experts
+
     cells: dict[str, CellRecord] = {}
     runs: dict[str, dict[str, Any]] = {}
+    seen: dict[tuple[str, str], tuple[str, ...]] = {}
     for source in sources:
         if isinstance(source, (str, os.PathLike)) and Path(source).is_dir():
             records, source_runs = cells_of_export(source)
         else:
             records, source_runs = load_source(source)
+        for c in records:
+            ident = experts(c)
+            if ident is None:
+                continue
+            key, models = (c.suite, c.victim), (ident[0], ident[2])
+            if seen.setdefault(key, models) != models:
+                raise ExportError(
+                    f"cells of {c.suite}/{c.victim} were built from different experts (expert {models[0][:12]}… "
+                    f"against {seen[key][0][:12]}…): they cannot be scored together. The same recipe fine-tunes "
+                    "other weights on another CPU; `bench leaderboard build --store S --with-shipped` shows your "
+                    "run beside the shipped entries without mixing them")
         cells.update({c.cell_id: c for c in records})
         runs.update(source_runs)
     return Cells(list(cells.values()), runs)
+
+
+YOUR_RUN = " · your run"
+"""Suffix of the defense name of an entry built from a user's store, shown beside the shipped entries."""
+
+
+def merge_exports(shipped: str | os.PathLike, local: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
+    """An export directory holding the shipped entries as published (never re-scored) and, beside them, the
+    entries of a user's own export, each renamed ``<defense> · your run`` and unranked: the two rest on
+    experts that may differ (another CPU fine-tunes other weights), so they are shown, never compared."""
+    manifest, entries = load_export(shipped)
+    local_manifest, local_entries = load_export(local)
+    texts: dict[str, str] = {}
+    for doc in entries:
+        texts[entry_path(doc["suite"], doc["defense"])] = dumps(doc)
+    listed = list(manifest["entries"])
+    reason = ("your run: scored from your store alone, on the experts your machine built; shown beside the "
+              "shipped entries, never ranked with them")
+    for doc in local_entries:
+        name = doc["defense"] + YOUR_RUN
+        summary = {**doc["summary"], "rank": None, "rank_band": None, "unranked_reason": reason}
+        doc = {**doc, "defense": name, "summary": summary}
+        validate(doc, "entry")
+        rel = entry_path(doc["suite"], name)
+        texts[rel] = dumps(doc)
+        listed.append({"suite": doc["suite"], "defense": name, "file": rel, "summary": summary})
+    for extra in ("leaderboard.csv", "recovered.csv"):
+        path = Path(shipped) / extra
+        if path.is_file():
+            texts[extra] = path.read_text(encoding="utf-8")
+    files = [{"path": p, "sha256": hashlib.sha256(t.encode()).hexdigest(), "bytes": len(t.encode())}
+             for p, t in sorted(texts.items())]
+    combined = {**manifest, "entries": listed, "files": files,
+                "suites": sorted(set(manifest["suites"]) | set(local_manifest["suites"])),
+                "defenses": sorted(set(manifest["defenses"]) | {e["defense"] for e in listed})}
+    validate(combined, "manifest")
+    texts["manifest.json"] = dumps(combined)
+    out = Path(out_dir)
+    _remove_stale_entries(out, set(texts))
+    for rel, text in sorted(texts.items()):
+        _write(out / rel, text)
+    return out
 
 
 def load_source(source: Any) -> tuple[list[CellRecord], dict[str, dict[str, Any]]]:
@@ -170,17 +230,25 @@ def _flags(ds: DefenseScore | VictimScore) -> list[dict[str, str]]:
 
 
 def _pair(p: PairScore) -> dict[str, Any]:
-    return {"attack": p.attack, "merge": p.merge, "recovered": _num(p.recovered), "recovered_ci": _ci(p.recovered_ci),
+    extra = {"victims": list(p.victims)} if p.victims else {}
+    return {**extra, "attack": p.attack, "merge": p.merge, "recovered": _num(p.recovered),
+            "recovered_ci": _ci(p.recovered_ci), "counterpart": p.counterpart,
             "v_protected": _num(p.v_protected), "v_unprotected": _num(p.v_unprotected),
             "v_counterfactual": _num(p.v_counterfactual), "gain": _num(p.gain), "gain_ci": _ci(p.gain_ci),
             "informative": p.informative, "examples": p.examples, "n": p.n,
             "na_reason": p.na_reason, "attack_s": _num(p.attack_s, 3), "partner_effect": _num(p.partner_effect)}
 
 
-def summary(ds: DefenseScore, broken_by: dict[str, str | None] | None = None) -> dict[str, Any]:
+def broken(vs: VictimScore, threshold: float) -> bool:
+    """The site's one break rule: the victim's held-out best recovered reaches the protocol's threshold."""
+    return vs.best_recovered is not None and vs.best_recovered >= threshold
+
+
+def summary(ds: DefenseScore, broken_by: dict[str, str | None] | None = None,
+            broken_on: Sequence[str] = ()) -> dict[str, Any]:
     """The numbers a leaderboard row shows; ``broken_by`` (victim -> protocol step) when a protocol ran."""
     extra = {"broken_by": dict(sorted(broken_by.items()))} if broken_by is not None else {}
-    return {**extra,
+    return {**extra, "rank_band": list(ds.rank_band) if ds.rank_band else None, "broken_on": sorted(broken_on),
         "utility": _num(ds.utility), "utility_ci": _ci(ds.utility_ci),
         "security": _num(ds.security), "security_ci": _ci(ds.security_ci),
         "best_attack": ds.best_attack, "best_merge": ds.best_merge, "best_recovered": _num(ds.best_recovered),
@@ -192,9 +260,9 @@ def summary(ds: DefenseScore, broken_by: dict[str, str | None] | None = None) ->
     }
 
 
-def _victim(vs: VictimScore, scope: Scope | None = None) -> dict[str, Any]:
+def _victim(vs: VictimScore, threshold: float, scope: Scope | None = None) -> dict[str, Any]:
     extra = {"broken_by": scope.broken_by.get((vs.suite, vs.defense, vs.victim))} if scope is not None else {}
-    return {**extra,
+    return {**extra, "selection_recovered": _num(vs.selection_recovered), "broken": broken(vs, threshold),
         "victim": vs.victim, "metric": vs.metric, "higher_is_better": vs.higher_is_better,
         "acc_pre": _num(vs.acc_pre), "acc_ft": _num(vs.acc_ft),
         "utility": _num(vs.utility), "utility_ci": _ci(vs.utility_ci),
@@ -243,8 +311,22 @@ def _specs(own: list[CellRecord]) -> dict[str, Any]:
             "merges": {m: _plugin_specs(cs, "merge") for m, cs in sorted(by_merge.items())}}
 
 
+def break_threshold(protocol: Protocol | None) -> float:
+    """The one break threshold: the protocol's (the standard protocol's for an ad-hoc export)."""
+    from bench.protocol import STANDARD
+
+    return (protocol or STANDARD).break_threshold
+
+
+def _broken_on(scores: Scores, ds: DefenseScore, threshold: float) -> list[str]:
+    if ds.suite is None:
+        return sorted(f"{v.suite}/{v.victim}" for v in scores.victims
+                      if v.defense == ds.defense and v.suite in ds.suites and broken(v, threshold))
+    return [v.victim for v in scores.victim_scores(ds.suite, ds.defense) if broken(v, threshold)]
+
+
 def _common(scores: Scores, protocol: Protocol | None = None) -> dict[str, Any]:
-    config = _clean(scores.config)
+    config = {**_clean(scores.config), "break_threshold": break_threshold(protocol)}
     standard = list(scores.standard_attacks)
     if protocol is not None:
         config = {**config, "protocol": protocol.describe()}
@@ -271,9 +353,9 @@ def entry_document(scores: Scores, ds: DefenseScore, cells: dict[str, CellRecord
         **_common(scores, protocol),
         "suite": ds.suite, "defense": ds.defense,
         "date": iso_date(max((c.created for c in used), default=0.0)),
-        "summary": summary(ds, _broken_by(scope, ds)),
+        "summary": summary(ds, _broken_by(scope, ds), _broken_on(scores, ds, break_threshold(protocol))),
         "recovered": [_pair(p) for p in ds.pairs],
-        "victims": [_victim(v, scope) for v in victims],
+        "victims": [_victim(v, break_threshold(protocol), scope) for v in victims],
         "specs": _specs(own),
         "cells": [_cell(c) for c in used],
         "runs": {r: _clean(runs.get(r, {})) for r in run_ids},
@@ -299,6 +381,7 @@ def manifest_document(scores: Scores, records: list[CellRecord], files: list[dic
     from bench.protocol import signal
 
     merges = [c for c in records if c.kind == "merge"]
+    threshold = break_threshold(protocol)
     extra: dict[str, Any] = {}
     if protocol is not None:
         extra["signal"] = {suite: [{**row, "gain": _num(row["gain"]), "gain_ci": _ci(row["gain_ci"]),
@@ -316,8 +399,10 @@ def manifest_document(scores: Scores, records: list[CellRecord], files: list[dic
         "attacks": sorted({c.attack for c in merges} | set(scores.standard_attacks)),
         "merges": sorted({c.merge for c in merges}),
         "entries": [{"suite": ds.suite, "defense": ds.defense, "file": entry_path(ds.suite, ds.defense),
-                     "summary": summary(ds, _broken_by(scope, ds))} for ds in scores.suites],
-        "overall": [{"defense": ds.defense, "summary": summary(ds)} for ds in scores.overall],
+                     "summary": summary(ds, _broken_by(scope, ds), _broken_on(scores, ds, threshold))}
+                    for ds in scores.suites],
+        "overall": [{"defense": ds.defense, "summary": summary(ds, broken_on=_broken_on(scores, ds, threshold))}
+                    for ds in scores.overall],
         "rank_stability": _stability(scores),
         "not_applicable": [{"suite": s, "defense": d, "reason": r} for s, d, r in scores.not_applicable],
         "files": files,
@@ -327,7 +412,7 @@ def manifest_document(scores: Scores, records: list[CellRecord], files: list[dic
 # ---------------------------------------------------------------- CSVs
 
 
-LEADERBOARD_COLUMNS = ("group", "defense", "rank", "utility", "utility_lo", "utility_hi", "security", "security_lo",
+LEADERBOARD_COLUMNS = ("group", "defense", "rank", "rank_worst", "utility", "utility_lo", "utility_hi", "security", "security_lo",
                        "security_hi", "best_attack", "best_merge", "best_recovered", "partner_effect", "protect_s",
                        "attack_s", "peak_rss_mb", "complete", "flags")
 RECOVERED_COLUMNS = ("suite", "defense", "victim", "attack", "merge", "recovered", "recovered_lo", "recovered_hi",
@@ -350,6 +435,7 @@ def leaderboard_csv(scores: Scores) -> str:
         for ds in items:
             s = summary(ds)
             rows.append({**s, "group": group, "defense": ds.defense,
+                         "rank_worst": ds.rank_band[1] if ds.rank_band else None,
                          "utility_lo": (s["utility_ci"] or [None, None])[0],
                          "utility_hi": (s["utility_ci"] or [None, None])[1],
                          "security_lo": (s["security_ci"] or [None, None])[0],
@@ -439,6 +525,10 @@ def export(store: Any, out_dir: str | os.PathLike, *, attacks: Sequence[str] | N
         attacks = standard_attacks()
     scores = scoring.score(records, attacks=attacks, utility_floor=utility_floor, n_bootstrap=n_bootstrap,
                            ci_level=ci_level, seed=seed, missing=missing)
+    if scope is not None:  # the planner's rule lists a defense that cannot act on a suite even with no stored cell
+        listed = {(s, d) for s, d, _r in scores.not_applicable} | {(e.suite, e.defense) for e in scores.suites}
+        scores.not_applicable = sorted([*scores.not_applicable,
+                                        *(x for x in scope.not_applicable if (x[0], x[1]) not in listed)])
     by_id = {c.cell_id: c for c in records}
     texts: dict[str, str] = {}
     for ds in scores.suites:
@@ -471,21 +561,27 @@ def _remove_stale_entries(out: Path, keep: set[str]) -> None:
             path.unlink()
 
 
-def load_export(export_dir: str | os.PathLike) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """The validated manifest and entry documents of an export directory."""
+def load_export(export_dir: str | os.PathLike, *, older: bool = False) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """The validated manifest and entry documents of an export directory. With ``older``, an export of an
+    earlier schema version is accepted unvalidated (its cells are still read, to be re-scored)."""
     root = Path(export_dir)
     manifest_path = root / "manifest.json"
     if not manifest_path.is_file():
         raise ExportError(f"{root} holds no manifest.json; create it with `bench leaderboard export`")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
-    validate(manifest, "manifest")
+    current = manifest.get("schema_version") == SCHEMA_VERSION
+    if current or not older:
+        validate(manifest, "manifest")
     entries = []
     for item in manifest["entries"]:
         path = root / item["file"]
         if not path.is_file():
             raise ExportError(f"{path} is listed in the manifest but missing; re-run `bench leaderboard export`")
         doc = json.loads(path.read_text(encoding="utf-8"))
-        validate(doc, "entry")
+        if current or not older:
+            validate(doc, "entry")
+        elif not isinstance(doc.get("cells"), list):
+            raise ExportError(f"{path} (schema version {doc.get('schema_version')}) holds no cells to re-score")
         entries.append(doc)
     return manifest, entries
 
@@ -494,7 +590,7 @@ def cells_of_export(export_dir: str | os.PathLike) -> tuple[list[CellRecord], di
     """Every cell an export publishes (entries carry each cell they rest on, with its per-example outcomes),
     and the run environments: what `bench leaderboard build --store S --with-shipped` merges with a
     user's own store. A cell in several entries is read once."""
-    _manifest, entries = load_export(export_dir)
+    _manifest, entries = load_export(export_dir, older=True)
     cells: dict[str, CellRecord] = {}
     runs: dict[str, dict[str, Any]] = {}
     for doc in entries:

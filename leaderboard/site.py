@@ -211,10 +211,20 @@ def broken_by_text(broken_by: dict[str, str | None] | None) -> str:
     return text + (f"; unbroken on {unbroken} of {n}" if unbroken else "")
 
 
+def rank_text(band: list[int] | None) -> str:
+    """'2' for a rank the data pin down, '1–3' for a band of ranks the intervals cannot separate."""
+    if not band:
+        return ""
+    return str(band[0]) if band[0] == band[1] else f"{band[0]}–{band[1]}"
+
+
 def _row(group: str, defense: str, s: dict[str, Any]) -> dict[str, Any]:
+    reference = defense == REFERENCE
     return {"group": group, "defense": defense, "defense_href": _href("defense", defense),
             "attack_href": _href("attack", s["best_attack"]) if s["best_attack"] else "",
-            "broken_by_text": broken_by_text(s.get("broken_by")), "reference": defense == REFERENCE, **s}
+            "broken_by_text": "reference: each victim's gain is in the signal table" if reference
+            else broken_by_text(s.get("broken_by")),
+            "rank_text": rank_text(s.get("rank_band")), "reference": reference, **s}
 
 
 def _group_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -259,9 +269,12 @@ def defense_view(defense: str, entries: list[dict[str, Any]], threshold: float) 
         grid = {(p["attack"], p["merge"]): p for p in e["recovered"]}
         heat = [{"attack": a, "href": _href("attack", a),
                  "cells": [_heat_cell(grid.get((a, m))) for m in merges]} for a in attacks]
-        breaking = [p for p in e["recovered"] if p["recovered"] is not None and p["recovered"] >= threshold]
+        # the one break rule: a victim whose held-out best recovered reaches the protocol's threshold
+        breaking = [{"victim": v["victim"], "attack": v["best_attack"], "merge": v["best_merge"],
+                     "recovered": v["best_recovered"], "attack_s": v["attack_s"]}
+                    for v in e["victims"] if v.get("broken")]
         suites.append({"entry": e, "merges": merges, "heat": heat, "file": f"{DATA_DIR}/{_entry_file(e)}",
-                       "breaking": sorted(breaking, key=lambda p: (-p["recovered"], p["attack_s"] or 0.0))})
+                       "breaking": breaking})
     return {"defense": defense, "suites": suites}
 
 
@@ -283,9 +296,11 @@ def attack_view(attack: str, entries: list[dict[str, Any]], threshold: float) ->
         mine = [p for p in e["recovered"] if p["attack"] == attack and p["recovered"] is not None]
         if mine:
             best = max(mine, key=lambda p: p["recovered"])
+            # breaks: it is the held-out worst case of some victim and reaches the threshold there (one rule)
+            broken = [v["victim"] for v in e["victims"] if v.get("broken") and v["best_attack"] == attack]
             rows.append({"suite": e["suite"], "defense": e["defense"], "href": _href("defense", e["defense"]),
                          "recovered": best["recovered"], "merge": best["merge"], "attack_s": best["attack_s"],
-                         "breaks": best["recovered"] >= threshold,
+                         "breaks": bool(broken), "broken_victims": broken,
                          "worst_case": e["summary"]["best_attack"] == attack})
         for v in e["victims"]:
             if attack in v["attacks_na"]:
@@ -301,7 +316,23 @@ def attack_view(attack: str, entries: list[dict[str, Any]], threshold: float) ->
 def _blank() -> dict[str, Any]:
     """Every key the methods template reads, so a plugin's partial ``describe()`` still renders."""
     return {"name": "", "version": "", "summary": "", "doc": "", "paper": "", "code": "", "params": [],
-            "aliases": [], "error": "", "paper_url": "", "code_url": ""}
+            "aliases": [], "error": "", "paper_url": "", "code_url": "", "counterpart": ""}
+
+
+def attack_counterpart(cls: Any) -> str:
+    """The attack (with default params) an attack's scores are read against: its honest counterpart."""
+    try:
+        return str(cls().counterpart().label)
+    except Exception:  # a plugin whose defaults cannot be built: the page says nothing rather than fail
+        return ""
+
+
+def scoring_definition() -> str:
+    """How scores are computed, with the worked example: the scoring package's own documentation."""
+    import bench.scoring
+
+    doc = bench.scoring.__doc__ or ""
+    return doc.split("\nModules:")[0].strip()
 
 
 def methods_view() -> list[dict[str, Any]]:
@@ -325,6 +356,8 @@ def methods_view() -> list[dict[str, Any]]:
             d["name"] = d["name"] or name
             d["aliases"] = [] if d["name"] == name else [name]
             d["paper_url"], d["code_url"] = paper_url(d["paper"]), code_url(d["code"])
+            if registry is attacks:
+                d["counterpart"] = attack_counterpart(obj)
             items[id(obj)] = d
         sections.append({"title": title, "anchor": slug(title.lower()),
                          "plugins": sorted(items.values(), key=lambda d: d["name"])})
@@ -386,7 +419,8 @@ def build_site(store_or_export_dir: Any, out_dir: str | os.PathLike) -> Path:
             old.unlink()
     pages: dict[str, tuple[str, dict[str, Any]]] = {
         "index.html": ("index.html", {**common, "view": index_view(manifest), "root": "", "page": "index"}),
-        "methods.html": ("methods.html", {**common, "sections": methods_view(), "root": "", "page": "methods"}),
+        "methods.html": ("methods.html", {**common, "sections": methods_view(), "scoring": scoring_definition(),
+                                          "root": "", "page": "methods"}),
         "downloads.html": ("downloads.html", {**common, "root": "", "page": "downloads"}),
     }
     for defense in sorted({e["defense"] for e in entries}):

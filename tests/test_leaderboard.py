@@ -78,6 +78,21 @@ def make_records() -> list[CellRecord]:
     return out
 
 
+def held_out_recovered(suite: str, merged: float) -> float:
+    """recovered of ``merged`` (plus each replicate's jitter) read on the held-out half of the victim's examples,
+    by hand: the fixture's outcomes are the first round(acc·N) examples right; U 0.8 and ∅ 0.6 everywhere."""
+    from scored_cells import N, outcomes
+
+    from bench.scoring import example_split
+
+    _sel, held = example_split(0, suite, "v", N)
+    shift = 0.0 if suite == "alpha" else 0.01
+    reps = [shift + 0.01 * seed + (0.005 if q else 0.0) for seed in (0, 1) for q in (False, True)]
+    p = np.mean([outcomes(merged + j)[held].mean() for j in reps])
+    u, z = outcomes(0.8)[held].mean(), outcomes(0.6)[held].mean()
+    return float(np.clip((p - z) / (u - z), 0, 1))
+
+
 @pytest.fixture(scope="module")
 def store_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("store") / "results.db"
@@ -116,8 +131,9 @@ def test_export_writes_one_schema_valid_entry_per_suite_and_defense(store_path: 
     assert all(type(x) is float for x in s["security_ci"])
     assert s["rank"] == 1 and s["uninformative_victims"] == []
     lock = next(e for e in entries if e["suite"] == "alpha" and e["defense"] == "mergelock")["summary"]
-    # align/ta recovers (0.65 + 0.0075 − 0.6) / 0.2 on all examples; the held-out half is close to it
-    assert lock["security"] == pytest.approx(1 - 0.0575 / 0.2, abs=0.05) and lock["best_attack"] == "align"
+    # align/ta is reported on the held-out half only: recomputed here from the nested outcomes on those indices
+    assert lock["security"] == pytest.approx(1 - held_out_recovered("alpha", 0.65)) and lock["best_attack"] == "align"
+    assert abs(lock["security"] - (1 - 0.0575 / 0.2)) > 1e-3  # ... which is not the all-example value
     pair = next(p for p in params["victims"][0]["recovered"] if (p["attack"], p["merge"]) == ("align", "ta"))
     assert pair["v_counterfactual"] == pytest.approx(0.6) and pair["v_unprotected"] == pytest.approx(0.8)
     assert pair["gain"] == pytest.approx(0.2) and pair["informative"] is True and pair["gain_ci"][0] > 0
@@ -258,9 +274,8 @@ def test_defense_page_shows_heatmap_breaker_and_exact_params(site: Path):
     html = (site / "defense" / "mergelock.html").read_text()
     assert html.count('class="heatmap"') == 2  # one per suite
     assert "&#34;strength&#34;: 0.5" in html  # the defense's params, escaped like any text
-    # alpha: merged 0.65 + mean jitter 0.0075 over replicates -> (0.6575 - 0.6) / 0.2 = 0.2875 on all
-    # examples; the held-out half of the nested outcomes gives a value close to it
-    assert 'href="../attack/align.html"' in html and re.search(r"recovers 0\.(2[5-9]|3[0-3])\d", html)
+    # alpha: merged 0.65 + each replicate's jitter, reported on the held-out half (computed by hand)
+    assert 'href="../attack/align.html"' in html and f"recovers {held_out_recovered('alpha', 0.65):.3f}" in html
     assert "V<sub>∅</sub>" in html and "0.600" in html  # the absolute values next to the ratio
 
 
@@ -444,7 +459,8 @@ def test_clicking_a_header_sorts_the_table(site: Path, tmp_path: Path):
     rows = [("overall", o["defense"], o["summary"]["security"]) for o in manifest["overall"]]
     rows += [(e["suite"], e["defense"], e["summary"]["security"]) for e in manifest["entries"]]
     order = {r: i for i, r in enumerate(expected_rows())}
-    desc = sorted(rows, key=lambda r: (-r[2], order[(r[0], r[1])]))
+    # missing values (the reference row's security) sort last whichever the direction
+    desc = sorted(rows, key=lambda r: (r[2] is None, -(r[2] or 0.0), order[(r[0], r[1])]))
     assert table_rows(dom) == [(s, d) for s, d, _ in desc]
     assert 'aria-sort="descending"' in dom
 

@@ -168,13 +168,20 @@ def test_scope_reads_only_the_protocol_cells(toy_suite, tmp_path) -> None:
     assert {r["group"] for r in rows} >= {"baseline", "plain merge"} and all(r["wall"] >= 0 for r in rows)
 
 
-def test_step_cells_keep_only_the_step_attack(toy_suite) -> None:
-    cells = step_cells(mini(), toy_suite, Step("revert-to-base", "ta", "algebraic"), ["toy-scale"])
-    assert {c.attack_label for c in cells if c.kind == "merge"} == {"revert-to-base"}
-    # the planner's always-added plain merge is a step of its own, not part of this one
+def test_step_cells_keep_the_step_attack_and_its_counterparts_references(toy_suite) -> None:
+    protocol = mini()
+    cells = step_cells(protocol, toy_suite, Step("revert-to-base", "ta", "algebraic"), ["toy-scale"])
+    merges = [c for c in cells if c.kind == "merge"]
+    assert {c.attack_label for c in merges if c.filling == "protected"} == {"revert-to-base"}
+    # a data-free undo attack is read against the plain merge: its U and ∅ cells run attack none ...
+    assert {c.attack_label for c in merges if c.filling != "protected"} == {"none"}
+    # ... and they are the plain-merge step's own cells (evaluated on every task), not copies
+    plain = {c.cell_id for c in step_cells(protocol, toy_suite, protocol.steps[2], ["toy-scale"])}
+    assert {c.cell_id for c in merges if c.filling != "protected"} <= plain
     assert {c.kind for c in cells} == {"baseline", "utility", "merge"}
-    composite = step_cells(mini(), toy_suite, Step("revert-to-base+revert-ffn", "ta", "algebraic"), ["toy-scale"])
-    assert {c.attack_label for c in composite if c.kind == "merge"} == {"revert-to-base+revert-ffn"}
+    composite = step_cells(protocol, toy_suite, Step("revert-to-base+revert-ffn", "ta", "algebraic"), ["toy-scale"])
+    assert {c.attack_label for c in composite if c.kind == "merge" and c.filling == "protected"} == \
+        {"revert-to-base+revert-ffn"}
 
 
 def test_cli_show_and_refusals(capsys) -> None:

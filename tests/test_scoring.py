@@ -12,6 +12,7 @@ from scored_cells import (  # noqa: E402  (tests/ is on sys.path)
     N,
     baseline,
     merge_spec,
+    metric,
     outcomes,
     pipeline,
     record,
@@ -35,20 +36,20 @@ from bench.scoring import (
 )
 from bench.store import CellRecord, Metric
 
-ATTACKS = ["none", "align"]
+ATTACKS = ["none", "realign"]
 
 
 def worked_example() -> list[CellRecord]:
     """θ_pre 0.5, expert 0.9. Counterfactual floor 0.6 everywhere; unprotected merges 0.8 (ta), 0.7 (ties).
 
-    Defense 'guard': none/ta 0.65 -> 0.25, none/ties 0.6 -> 0, align/ta 0.76 -> 0.8, align/ties 0.65 -> 0.5.
+    Defense 'guard': none/ta 0.65 -> 0.25, none/ties 0.6 -> 0, realign/ta 0.76 -> 0.8, realign/ties 0.65 -> 0.5.
     """
     return unique([
         baseline(), utility_cell("guard", 0.88),
         *pipeline("guard", "none", "ta", p=0.65, u=0.8, z=0.6),
         *pipeline("guard", "none", "ties", p=0.6, u=0.7, z=0.6),
-        *pipeline("guard", "align", "ta", p=0.76, u=0.8, z=0.6, timings={"prepare": 2.0, "finish": 1.0}),
-        *pipeline("guard", "align", "ties", p=0.65, u=0.7, z=0.6),
+        *pipeline("guard", "realign", "ta", p=0.76, u=0.8, z=0.6, timings={"prepare": 2.0, "finish": 1.0}),
+        *pipeline("guard", "realign", "ties", p=0.65, u=0.7, z=0.6),
     ])
 
 
@@ -61,15 +62,15 @@ def test_recovered_is_read_against_the_counterfactual_not_theta_pre():
     pairs = {(p.attack, p.merge): p for p in v.pairs}
     assert pairs[("none", "ta")].recovered == pytest.approx(0.05 / 0.2)
     assert pairs[("none", "ties")].recovered == pytest.approx(0.0)
-    assert pairs[("align", "ta")].recovered == pytest.approx(0.8)
-    assert pairs[("align", "ties")].recovered == pytest.approx(0.5)
-    # Against θ_pre (0.5) as the floor, align/ta would have read (0.76 − 0.5)/(0.8 − 0.5) = 0.87.
-    a = pairs[("align", "ta")]
+    assert pairs[("realign", "ta")].recovered == pytest.approx(0.8)
+    assert pairs[("realign", "ties")].recovered == pytest.approx(0.5)
+    # Against θ_pre (0.5) as the floor, realign/ta would have read (0.76 − 0.5)/(0.8 − 0.5) = 0.87.
+    a = pairs[("realign", "ta")]
     assert (a.v_protected, a.v_unprotected, a.v_counterfactual) == pytest.approx((0.76, 0.8, 0.6))
     assert a.gain == pytest.approx(0.2) and a.informative and a.examples == N
     assert a.gain_ci[0] > 0 and a.recovered_ci[0] <= 0.8 <= a.recovered_ci[1]
-    assert (v.best_attack, v.best_merge) == ("align", "ta")
-    assert v.security == pytest.approx(0.2, abs=0.05)  # measured on the held-out half
+    assert a.counterpart == "none"  # read against the plain merge's U and ∅ cells
+    assert (v.best_attack, v.best_merge) == ("realign", "ta")
     assert v.security_ci[0] < v.security < v.security_ci[1]  # one seed, yet a real interval
     assert v.attack_s == pytest.approx(3.0)
     assert v.utility == pytest.approx(0.88 / 0.9) and v.utility_ci[0] < v.utility < v.utility_ci[1]
@@ -101,10 +102,10 @@ def test_pair_whose_gain_interval_includes_zero_is_uninformative_not_divided():
     # U 0.61 vs ∅ 0.60 on 400 examples: a gain of 0.01, not significant.
     records = unique([baseline(), utility_cell("g", 0.88),
                       *pipeline("g", "none", "ta", p=0.9, u=0.61, z=0.60, partners=("p",)),
-                      *pipeline("g", "align", "ta", p=0.7, u=0.8, z=0.6)])
+                      *pipeline("g", "realign", "ties", p=0.7, u=0.8, z=0.6)])  # its own references: none/ties
     # make the weak pair's U and ∅ independent (not nested), as real fillings are
     for i, r in enumerate(records):
-        if r.kind == "merge" and r.attack == "none" and r.filling == "unprotected":
+        if r.kind == "merge" and r.attack == "none" and r.merge == "ta" and r.filling == "unprotected":
             v = np.random.default_rng(0).permutation(outcomes(0.61))
             records[i] = record(r.spec, [Metric("merged", "v", "accuracy", float(v.mean()), True, encode(v))])
     s = score(records, attacks=ATTACKS, n_bootstrap=300)
@@ -112,8 +113,9 @@ def test_pair_whose_gain_interval_includes_zero_is_uninformative_not_divided():
     weak = next(p for p in v.pairs if p.attack == "none")
     assert weak.informative is False and weak.recovered is None and "uninformative" in weak.na_reason
     assert weak.gain_ci[0] <= 0 <= weak.gain_ci[1]
-    assert (v.best_attack, v.best_merge) == ("align", "ta")  # security rests on the informative pair only
-    assert "uninformative" in {f.code for f in v.flags}
+    assert (v.best_attack, v.best_merge) == ("realign", "ties")  # security rests on the informative pair only
+    # the victim is informative (another pair is): no victim-level flag, the pair says why it is not scored
+    assert v.flags == [] and s.entry(SUITE, "g").uninformative_victims == []
 
 
 def test_victim_without_any_informative_pair_has_no_security_and_the_entry_is_unranked():
@@ -166,7 +168,7 @@ def test_counterpart_spec_finds_the_shared_reference_cells(toy_suite):
 
 def test_a_failed_cell_unranks_its_defense_and_is_named():
     records = worked_example()
-    failed_spec = merge_spec("v", ("p",), 0, "guard", "align", "dare")
+    failed_spec = merge_spec("v", ("p",), 0, "guard", "realign", "dare")
     records.append(record(failed_spec, [], status="failed", reason="RuntimeError: boom"))
     s = score(records, attacks=ATTACKS, n_bootstrap=50)
     entry = s.entry(SUITE, "guard")
@@ -225,7 +227,7 @@ def test_utility_floor_applies_per_victim_not_to_the_mean():
     records = worked_example()  # victim v: utility 0.88 / 0.9 = 0.978
     records += [baseline(victim="w", partners=("p",)), utility_cell("guard", 0.5, victim="w"),
                 *pipeline("guard", "none", "ta", p=0.65, u=0.8, z=0.6, victim="w"),
-                *pipeline("guard", "align", "ta", p=0.7, u=0.8, z=0.6, victim="w")]
+                *pipeline("guard", "realign", "ta", p=0.7, u=0.8, z=0.6, victim="w")]
     entry = score(unique(records), attacks=ATTACKS, n_bootstrap=50).entry(SUITE, "guard")
     assert entry.utility > 0.7  # the mean (0.978 + 0.556) / 2 = 0.77 would hide it
     assert entry.has_flag("utility_below_floor") and "w" in entry.unranked_reason and entry.rank is None
@@ -238,10 +240,16 @@ def test_function_preservation_violation_unranks():
     assert entry.has_flag("function_preservation_violated") and entry.rank is None
 
 
-def test_unprotected_reference_row_recovers_everything():
-    entry = score(worked_example(), attacks=ATTACKS, n_bootstrap=50).entry(SUITE, "none")
-    assert entry.security == pytest.approx(0.0) and entry.utility == pytest.approx(1.0)
-    assert entry.rank is None and "reference" in entry.unranked_reason and not entry.attacks_missing
+def test_reference_row_shows_the_gains_has_no_security_and_is_never_ranked():
+    s = score(worked_example(), attacks=ATTACKS, n_bootstrap=50)
+    entry = s.entry(SUITE, "none")
+    assert entry.security is None and entry.best_attack is None and entry.utility == pytest.approx(1.0)
+    assert entry.rank is None and entry.rank_band is None and "reference" in entry.unranked_reason
+    assert not entry.attacks_missing and entry.flags == []
+    (v,) = s.victim_scores(SUITE, "none")
+    gains = {(p.attack, p.merge): p.gain for p in v.pairs}
+    assert gains == pytest.approx({("none", "ta"): 0.2, ("none", "ties"): 0.1})  # U − ∅ by hand
+    assert v.security is None and v.best_recovered is None
 
 
 def test_partner_side_effect_compares_protected_and_unprotected_merges():
@@ -359,17 +367,52 @@ def test_table_lists_overall_then_suites_with_intervals():
     assert "overall" in lines[2] and "[" in text
 
 
-def test_ranking_orders_by_security_and_stability_reports_flips():
-    records = worked_example()
+def test_ranking_separates_what_the_bootstrap_separates_and_bands_the_rest():
+    records = worked_example()  # guard: security about 0.2 (realign/ta recovers 0.8)
+    # weak gives everything back (P = U): security 0, far below guard; twin is guard's exact copy
     records += [utility_cell("weak", 0.88), *pipeline("weak", "none", "ta", p=0.8, u=0.8, z=0.6)[:1],
-                *pipeline("weak", "align", "ta", p=0.8, u=0.8, z=0.6)[:1],
+                *pipeline("weak", "realign", "ta", p=0.8, u=0.8, z=0.6)[:1],
                 *pipeline("weak", "none", "ties", p=0.7, u=0.7, z=0.6)[:1],
-                *pipeline("weak", "align", "ties", p=0.7, u=0.7, z=0.6)[:1]]
-    s = score(records, attacks=ATTACKS, n_bootstrap=100)
-    ranked = sorted((d for d in s.suites if d.rank), key=lambda d: d.rank)
-    assert [d.defense for d in ranked] == ["guard", "weak"]  # none is the reference: shown, never ranked
-    st = s.stability[SUITE]
-    assert st.defenses[0] == "guard" and 0.0 <= st.stable_fraction <= 1.0
+                *pipeline("weak", "realign", "ties", p=0.7, u=0.7, z=0.6)[:1]]
+    records += [utility_cell("twin", 0.88)] + [
+        record({**r.spec, "defense": {**r.spec["defense"], "name": "twin"}}, list(r.metrics), provenance=r.provenance)
+        for r in worked_example() if r.kind == "merge" and r.filling == "protected"]
+    s = score(unique(records), attacks=ATTACKS, n_bootstrap=200)
+    bands = {d.defense: d.rank_band for d in s.suites if d.rank_band}
+    # guard and twin have identical outcomes: no draw separates them, they share ranks 1-2; weak is 3rd
+    assert bands == {"guard": (1, 2), "twin": (1, 2), "weak": (3, 3)}
+    assert s.entry(SUITE, "guard").rank == s.entry(SUITE, "twin").rank == 1
+    assert s.entry(SUITE, "none").rank is None  # the reference: shown, never ranked
+
+
+def test_stability_counts_the_draws_that_reorder_the_point_ranking():
+    from bench.scoring.ranking import stability
+    from bench.scoring.results import DefenseScore
+    from bench.scoring.summaries import EntryDraws
+
+    def entry(name: str, sec: float) -> DefenseScore:
+        return DefenseScore("toy", name, ["v"], utility=1.0, security=sec, rank=1)
+
+    one = np.ones(4)
+    draws = {"a": EntryDraws(np.array([0.5, 0.6, 0.4, 0.7]), one, one, one),
+             "b": EntryDraws(np.array([0.55, 0.5, 0.45, 0.6]), one, one, one)}
+    st = stability([entry("a", 0.55), entry("b", 0.525)], draws)
+    # by hand: b is strictly more secure in draws 0 and 2 of 4; the order a > b holds in draws 1 and 3
+    assert st.defenses == ["a", "b"]
+    assert st.pairwise_flip == [("a", "b", 0.5)] and st.stable_fraction == 0.5
+    assert st.rank_probability == [[0.5, 0.5], [0.5, 0.5]]
+
+
+def test_utility_above_one_earns_no_credit_in_the_order():
+    from bench.scoring.ranking import rank_key
+    from bench.scoring.results import DefenseScore
+
+    better_than_expert = DefenseScore("toy", "b-plus", ["v"], utility=1.021, security=0.3)
+    exact = DefenseScore("toy", "a-exact", ["v"], utility=1.0, security=0.3)
+    below = DefenseScore("toy", "c-below", ["v"], utility=0.99, security=0.3)
+    # capped at 1, 1.021 ties with 1.0 and the name decides; 0.99 stays below
+    assert [d.defense for d in sorted([better_than_expert, below, exact], key=rank_key)] == \
+        ["a-exact", "b-plus", "c-below"]
 
 
 def test_selection_prefers_a_pair_recovered_exactly_to_one_that_touches_the_clip_by_noise():
@@ -403,3 +446,186 @@ def test_a_defense_that_cannot_act_on_the_architecture_is_listed_not_applicable_
                   for a in ATTACKS]
     s = score(unique([*worked_example(), *structural]), attacks=ATTACKS, n_bootstrap=20)
     assert (SUITE, "taylor") in {(d.suite, d.defense) for d in s.suites}
+
+
+# ---------------------------------------------------------------- scoring version 3: honest counterparts
+
+
+def _cell(spec: dict, values: np.ndarray | float, *, task: str = "v", provenance: dict | None = None,
+          n: int = 1000) -> CellRecord:
+    """A merge cell whose victim outcomes are ``values`` (an array, or an accuracy: the first round(acc·n) right)."""
+    v = outcomes(values, n) if np.isscalar(values) else np.asarray(values, dtype=float)
+    return record(spec, [Metric("merged", task, "accuracy", float(v.mean()), True, encode(v))],
+                  provenance=provenance or {"timings": {"prepare": 0.0, "finish": 0.0}})
+
+
+def test_an_undo_attack_is_credited_only_for_what_it_takes_from_the_protected_model():
+    # vision-effnet, PaRaMS, animal-mnist, revert-ffn / ta (shipped cells): revert-ffn reverts every MBConv block,
+    # so applied to the unprotected expert it gives 0.596, as applied to the release. Its honest counterpart is
+    # the plain merge: U 0.772, ∅ 0.523, so it recovers (0.596 − 0.523) / (0.772 − 0.523) = 0.293, not 1.
+    spec = lambda attack, filling, defense=None: merge_spec("v", ("p",), 0, defense, attack, "ta", filling=filling)  # noqa: E731
+    records = [baseline(), utility_cell("params", 0.88),
+               _cell(spec("none", "protected", "params"), 0.21), _cell(spec("none", "unprotected"), 0.772),
+               _cell(spec("none", "counterfactual"), 0.523),
+               _cell(spec("revert-ffn", "protected", "params"), 0.596),
+               # what the pre-v3 rule read: the attack applied to U and ∅ (still in old stores; never read now)
+               _cell(spec("revert-ffn", "unprotected"), 0.596), _cell(spec("revert-ffn", "counterfactual"), 0.523)]
+    (v,) = score(records, attacks=["none", "revert-ffn"], n_bootstrap=100).victim_scores(SUITE, "params")
+    pair = next(p for p in v.pairs if p.attack == "revert-ffn")
+    assert pair.recovered == pytest.approx(0.073 / 0.249)
+    assert (pair.v_unprotected, pair.v_counterfactual, pair.counterpart) == (pytest.approx(0.772), pytest.approx(0.523), "none")
+    assert spec_id(spec("revert-ffn", "unprotected")) not in v.cell_ids
+    assert spec_id(spec("none", "unprotected")) in v.cell_ids
+
+
+def test_a_finetuning_attack_is_read_against_plain_merge_finetune_with_the_same_samples():
+    ft = {"samples": 256, "steps": 25, "batch_size": 16}
+    ge = {"samples": 256, "steps": 25, "batch_size": 16, "estimate_steps": 20}
+
+    def spec(attack: str, params: dict, filling: str, defense: str | None = None) -> dict:
+        s = merge_spec("v", ("p",), 0, defense, attack, "ta", filling=filling, attack_params=params)
+        s["attack"]["version"] = "2" if attack == "merge-finetune" else "1"
+        return s
+
+    records = [baseline(), utility_cell("g", 0.88),
+               _cell(spec("graderase", ge, "protected", "g"), 0.74),
+               _cell(spec("merge-finetune", ft, "unprotected"), 0.80),
+               _cell(spec("merge-finetune", ft, "counterfactual"), 0.70),
+               # GradErase run on the unprotected expert: not what an honest free-rider runs, never read
+               _cell(spec("graderase", ge, "unprotected"), 0.74), _cell(spec("graderase", ge, "counterfactual"), 0.70)]
+    (v,) = score(records, attacks=["graderase"], n_bootstrap=100).victim_scores(SUITE, "g")
+    (pair,) = v.pairs
+    assert pair.counterpart == "merge-finetune"
+    assert pair.recovered == pytest.approx(0.04 / 0.10)  # against merge-finetune's 0.80 and 0.70, not graderase's
+    # merge-finetune is its own counterpart: read against its own U and ∅ cells
+    records.append(_cell(spec("merge-finetune", ft, "protected", "g"), 0.75))
+    (v,) = score(records, attacks=["graderase", "merge-finetune"], n_bootstrap=100).victim_scores(SUITE, "g")
+    mf = next(p for p in v.pairs if p.attack == "merge-finetune")
+    assert mf.recovered == pytest.approx(0.5) and mf.counterpart == "merge-finetune"
+
+
+def test_the_counterpart_rule_of_every_standard_attack():
+    from bench.plan import counterpart_attack_spec, make_attacks
+    from bench.protocol import STANDARD
+
+    names = {}
+    for step in STANDARD.steps:
+        for attack in make_attacks(step.attack, STANDARD.params):
+            names[step.attack] = counterpart_attack_spec(attack.spec())
+    trains = {"merge-finetune", "graderase", "realign+scale-division+merge-finetune", "anchor-align+merge-finetune",
+              "revert-to-base+merge-finetune"}
+    plain_ft = {"name": "merge-finetune", "version": "2", "params": {"samples": 256, "steps": 25, "batch_size": 16}}
+    for attack, cp in names.items():
+        if attack in trains:
+            assert cp == plain_ft, attack
+        else:  # every data-free undo attack (and none itself) is read against the plain merge
+            assert cp == {"name": "none", "version": "1", "params": {}}, attack
+
+
+def _half_split_cells(n: int = 400) -> tuple[list[CellRecord], np.ndarray, np.ndarray]:
+    """∅ gets nothing right, U everything; the protected release is the expert on the selection half of the
+    examples and θ_pre on the held-out half. By construction: selection 1, held-out 0, all examples 0.5."""
+    from bench.scoring import example_split
+
+    sel, held = example_split(0, SUITE, "v", n)
+    assert len(sel) == len(held) == n // 2 and sorted([*sel, *held]) == list(range(n))  # a partition in halves
+    p = np.zeros(n)
+    p[sel] = 1.0
+    spec = lambda filling, defense=None: merge_spec("v", ("p",), 0, defense, "none", "ta", filling=filling)  # noqa: E731
+    cells = [baseline(), utility_cell("g", 0.88), _cell(spec("protected", "g"), p, n=n),
+             _cell(spec("unprotected"), np.ones(n), n=n), _cell(spec("counterfactual"), np.zeros(n), n=n)]
+    return cells, sel, held
+
+
+def test_the_reported_worst_case_is_read_on_the_held_out_half_only():
+    cells, _sel, _held = _half_split_cells()
+    (v,) = score(cells, attacks=["none"], n_bootstrap=100).victim_scores(SUITE, "g")
+    assert v.pairs[0].recovered == pytest.approx(0.5)  # all examples
+    assert v.selection_recovered == pytest.approx(1.0)  # what a stopping rule may read
+    assert v.best_recovered == pytest.approx(0.0) and v.security == pytest.approx(1.0)  # what is reported
+
+
+def test_selection_reads_the_lower_bound_not_the_point_value_at_score_level():
+    n = 600
+    from bench.scoring import example_split
+
+    sel, held = example_split(0, SUITE, "v", n)
+    rng = np.random.default_rng(5)
+    u = (rng.random(n) < 0.8).astype(float)
+    noisy = np.zeros(n)
+    noisy[sel] = rng.permutation(u[sel])  # U's mean on the selection half, nothing held out
+    spec = lambda attack, filling, defense=None: merge_spec("v", ("p",), 0, defense, attack, "ta", filling=filling)  # noqa: E731
+    records = [baseline(), utility_cell("g", 0.88), _cell(spec("none", "unprotected"), u, n=n),
+               _cell(spec("none", "counterfactual"), np.zeros(n), n=n),
+               _cell(spec("none", "protected", "g"), np.zeros(n), n=n),
+               _cell(spec("realign", "protected", "g"), u, n=n, provenance={"timings": {"prepare": 2.0}}),
+               _cell(spec("scale-division", "protected", "g"), noisy, n=n, provenance={"timings": {"prepare": 0.0}})]
+    (v,) = score(records, attacks=["none", "realign", "scale-division"], n_bootstrap=300).victim_scores(SUITE, "g")
+    # both read 1 on the selection half; the exact restoration has the higher lower bound and holds out at 1
+    assert v.best_attack == "realign" and v.best_recovered == pytest.approx(1.0) and v.security == pytest.approx(0.0)
+
+
+def test_a_significantly_negative_gain_says_so():
+    rng = np.random.default_rng(1)
+    z = (rng.random(1000) < 0.7).astype(float)
+    u = (rng.random(1000) < 0.5).astype(float)
+    spec = lambda filling, defense=None: merge_spec("v", ("p",), 0, defense, "none", "ta", filling=filling)  # noqa: E731
+    records = [baseline(), utility_cell("g", 0.88), _cell(spec("protected", "g"), u), _cell(spec("unprotected"), u),
+               _cell(spec("counterfactual"), z)]
+    (v,) = score(records, attacks=["none"], n_bootstrap=200).victim_scores(SUITE, "g")
+    (pair,) = v.pairs
+    assert pair.gain_ci[1] < 0 and "significantly negative" in pair.na_reason and "includes 0" not in pair.na_reason
+    entry = score(records, attacks=["none"], n_bootstrap=200).entry(SUITE, "g")
+    assert entry.uninformative_victims == ["v"] and entry.has_flag("uninformative_victims")
+    assert "v:" in next(f.message for f in entry.flags if f.code == "uninformative_victims")
+
+
+def test_entry_pair_rows_cover_one_stated_set_of_victims_and_agree_with_their_values():
+    records = [baseline(), baseline(victim="w"), utility_cell("g", 0.88), utility_cell("g", 0.88, victim="w"),
+               utility_cell("h", 0.88), utility_cell("h", 0.88, victim="w"),
+               *pipeline("g", "none", "ta", p=0.7, u=0.8, z=0.6),
+               *pipeline("g", "none", "ta", p=0.9, u=0.6, z=0.6, victim="w"),  # w gives nothing under ta
+               *pipeline("g", "realign", "ta", p=0.78, u=0.8, z=0.6),
+               *pipeline("h", "none", "ta", p=0.65, u=0.8, z=0.6)[:1],
+               *pipeline("h", "none", "ta", p=0.6, u=0.6, z=0.6, victim="w")[:1]]
+    # h never ran realign on v (the protocol stopped there earlier)
+    s = score(unique(records), attacks=[], n_bootstrap=100)
+    g = {(p.attack, p.merge): p for p in s.entry(SUITE, "g").pairs}
+    ta = g[("none", "ta")]
+    assert ta.victims == ("v",)  # w's gain is 0: not covered, whatever its V_P
+    assert (ta.v_protected, ta.v_unprotected, ta.v_counterfactual) == pytest.approx((0.7, 0.8, 0.6))
+    assert ta.recovered == pytest.approx(recovered_fraction(ta.v_protected, ta.v_unprotected, ta.v_counterfactual))
+    h = {(p.attack, p.merge): p for p in s.entry(SUITE, "h").pairs}
+    assert h[("none", "ta")].victims == ("v",) and h[("none", "ta")].recovered == pytest.approx(0.25)
+    assert ("realign", "ta") not in h  # never run by h anywhere: no row
+    assert g[("realign", "ta")].victims == ("v",) and g[("realign", "ta")].recovered == pytest.approx(0.9)
+
+
+def test_a_defense_missing_a_pair_on_a_covered_victim_gets_no_entry_value():
+    records = [baseline(), baseline(victim="w"), utility_cell("g", 0.88), utility_cell("g", 0.88, victim="w"),
+               utility_cell("h", 0.88), utility_cell("h", 0.88, victim="w"),
+               *pipeline("g", "realign", "ta", p=0.7, u=0.8, z=0.6),
+               *pipeline("g", "realign", "ta", p=0.7, u=0.8, z=0.6, victim="w"),
+               *pipeline("h", "realign", "ta", p=0.7, u=0.8, z=0.6)[:1]]  # h: v only
+    s = score(unique(records), attacks=[], n_bootstrap=50)
+    (row,) = s.entry(SUITE, "h").pairs
+    assert row.recovered is None and "not run on w" in row.na_reason and row.victims == ("v", "w")
+
+
+def test_no_cross_suite_rank_when_defenses_cover_different_suites():
+    other = "toy2"
+
+    def on(suite: str, defense: str) -> list[CellRecord]:
+        base = baseline(suite=suite)
+        util = record({**utility_cell(defense, 0.88).spec, "suite": suite}, [metric("utility", "v", 0.88)],
+                      provenance={"timings": {}})
+        cells = [record({**r.spec, "suite": suite}, list(r.metrics), provenance=r.provenance)
+                 for r in pipeline(defense, "none", "ta", p=0.7, u=0.8, z=0.6)]
+        return [base, util, *cells]
+
+    records = unique([*on(SUITE, "a"), *on(SUITE, "b"), *on(other, "a")])  # b never ran on toy2
+    s = score(records, attacks=[], n_bootstrap=50)
+    assert {d.defense: d.rank for d in s.suites if d.suite == SUITE} == {"a": 1, "b": 1, "none": None}
+    overall = {d.defense: d for d in s.overall}
+    assert overall["a"].rank is None and overall["b"].rank is None
+    assert "different suites" in overall["a"].unranked_reason

@@ -87,3 +87,45 @@ def test_the_shipped_site_renders_in_a_browser_without_errors(tmp_path: Path) ->
     rows = dom.count("<tr data-suite=")
     assert rows == len(manifest["entries"]) + len(manifest["overall"])
     assert 'class="signal"' in dom and "broken-by" in dom
+
+
+def test_no_data_free_attack_is_credited_beyond_the_unattacked_pipeline(shipped) -> None:
+    """Scoring version 3: an attack whose honest counterpart is `none` is read against the plain merge's own
+    V_U and V_∅, so its recovered never exceeds what those give (issue: destructive attacks credited as breaks)."""
+    _manifest, entries = shipped
+    checked = 0
+    for e in entries:
+        for v in e["victims"]:
+            plain = {p["merge"]: p for p in v["recovered"] if p["attack"] == "none"}
+            for p in v["recovered"]:
+                if p["counterpart"] != "none" or p["attack"] == "none" or p["merge"] not in plain:
+                    continue
+                ref = plain[p["merge"]]
+                assert (p["v_unprotected"], p["v_counterfactual"]) == (ref["v_unprotected"], ref["v_counterfactual"])
+                if p["recovered"] is not None:
+                    gain = p["v_unprotected"] - p["v_counterfactual"]
+                    expected = min(1.0, max(0.0, (p["v_protected"] - p["v_counterfactual"]) / gain))
+                    assert p["recovered"] == pytest.approx(expected, abs=2e-5)  # the inputs are rounded to 6 digits
+                checked += 1
+    assert checked > 100
+
+
+def test_one_break_threshold_and_ties_share_a_rank(shipped) -> None:
+    from bench.protocol import STANDARD
+
+    manifest, entries = shipped
+    threshold = manifest["config"]["break_threshold"]
+    assert threshold == STANDARD.break_threshold and manifest["config"]["scoring_version"] == "3"
+    for e in entries:
+        for v in e["victims"]:
+            held = v["best_recovered"]
+            assert v["broken"] == (held is not None and held >= threshold)
+        assert e["summary"]["broken_on"] == sorted(v["victim"] for v in e["victims"] if v["broken"])
+        if e["defense"] == "none":
+            assert e["summary"]["security"] is None and e["summary"]["rank"] is None
+    for suite in EMBEDDED:
+        ranked = [x["summary"] for x in manifest["entries"] if x["suite"] == suite and x["summary"]["rank"]]
+        for a in ranked:
+            for b in ranked:
+                if a["security"] == b["security"]:
+                    assert a["rank_band"] == b["rank_band"]
