@@ -42,10 +42,23 @@ def require_standard(artifact: Artifact, base: Mapping[str, torch.Tensor], attac
 
 def hidden_similarity(art: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], mlp: MLPMap) -> torch.Tensor:
     """``C[i, j]`` = inner product of hidden unit i of ``art`` with unit j of ``ref``, summed over every
-    floating-point tensor indexed by hidden unit (Git Re-Basin's weight-matching objective over the
-    block's full permutation spec: projections, biases, depthwise kernels, BatchNorm parameters and stats)."""
+    floating-point *weight* indexed by hidden unit (`MLPMap.hidden_weights`: projections, biases,
+    depthwise kernels, BatchNorm scale and shift): Git Re-Basin's weight-matching objective over the
+    block's permutation spec.
+
+    Statistics of the data (`MLPMap.hidden_statistics`: BatchNorm running means and variances) are
+    left out, as Git Re-Basin's code leaves them out (``weight_matching`` sums over the spec's
+    ``params``; a flax BatchNorm keeps its running averages in the separate ``batch_stats``
+    collection). They must not decide the assignment: each contributes a rank-one term
+    ``C[i, j] += v_i·v'_j``, whose best assignment sorts the units by ``v'`` to follow the order of
+    ``v``. EfficientNet-Lite0's expand-BN running variances are ~46 per channel, so that term
+    (~2,000 per pair) outweighs every weight term (~1), and a fine-tune re-estimates the statistics
+    on its own data (30-60 % change), reordering them: matched against θ_pre, an unprotected Lite0
+    expert was permuted (7,084 channels moved, 0.88 of its task vector). The statistics are still
+    permuted with their units (`defenses._linear.permute_hidden`).
+    """
     total: torch.Tensor | None = None
-    for name, dim in mlp.hidden_tensors():
+    for name, dim in mlp.hidden_weights():
         if not is_mergeable(art[name]):
             continue
         term = hidden_rows(art[name], dim) @ hidden_rows(ref[name], dim).T

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 import torch
 
 from attacks._train import TrainBudget, budget_batches, finetune_body
+from attacks.merge_finetune import MergeFinetune, MergeFinetuneParams
 from bench.plugins import Attack, AttackContext, AttackNeeds
 from bench.registry import attacks
 from bench.suite import Batch
@@ -75,6 +76,12 @@ class GradErase(Attack):
     def needs(self) -> AttackNeeds:
         p = self.params
         return AttackNeeds(anchor=True, labelled=p.samples, finetune_steps=p.estimate_steps + p.steps, knows_defense=True)
+
+    def counterpart(self) -> Attack:
+        """Plain merge-finetune with the same samples, steps and batch size: on an unprotected release the
+        free-rider has no defense direction to erase and simply fine-tunes the merge on its labelled budget."""
+        p = self.params
+        return MergeFinetune(MergeFinetuneParams(samples=p.samples, steps=p.steps, batch_size=p.batch_size))
 
     def labelled_set(self, ctx: AttackContext) -> list[Batch]:
         """The attacker's labelled victim examples: one seeded draw of exactly ``samples``, used by both fine-tunes."""

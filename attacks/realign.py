@@ -35,13 +35,24 @@ class Realign(Attack):
     protected model to a free-rider) and MergeBarrier appendix D.2 (arXiv 2511.10712: MLP
     permutations "reversed via weight alignment" against the base model).
 
-    **MLP / CNN channel blocks.** Per block, ``C[i, j]`` = Σ over every floating-point tensor indexed by
-    hidden unit (`MLPMap.hidden_tensors`: up, gate, their biases, down columns, depthwise kernels,
-    BatchNorm parameters and statistics) of ⟨unit i of the artifact, unit j of the reference⟩, and
+    **MLP / CNN channel blocks.** Per block, ``C[i, j]`` = Σ over every floating-point weight indexed by
+    hidden unit (`MLPMap.hidden_weights`: up, gate, their biases, down columns, depthwise kernels,
+    BatchNorm scale and shift) of ⟨unit i of the artifact, unit j of the reference⟩, and
     ``scipy.optimize.linear_sum_assignment(C, maximize=True)`` gives the reordering, applied to all
-    those tensors together (function-preserving). The residual stream is not permuted, so the
-    blocks share no permutation axis and Git Re-Basin's coordinate descent is exact after one sweep:
-    one assignment per block is its fixed point.
+    tensors indexed by hidden unit together, BatchNorm running statistics included (function-preserving).
+    The residual stream is not permuted, so the blocks share no permutation axis and Git Re-Basin's
+    coordinate descent is exact after one sweep: one assignment per block is its fixed point.
+
+    **BatchNorm running statistics do not enter the cost** (version 2). Git Re-Basin matches
+    parameters only (its flax models keep BatchNorm averages in ``batch_stats``, outside the
+    ``params`` that ``weight_matching`` reads). Version 1 summed them in, and on EfficientNet that
+    broke the invariant that an expert fine-tuned from θ_pre is already aligned with it: each
+    statistic adds a rank-one term ``v_i·v'_j`` whose best assignment sorts units by value; Lite0's
+    expand-BN running variances (~46 per channel, so ~2,000 per pair against ~1 for the weights)
+    dominated the cost, and a fine-tune re-estimates them on its own data (30-60 % change), so the
+    assignment followed their new order: an unprotected vision-effnet expert had 7,084 channels
+    moved (0.88 of its task vector) and its merges were destroyed. Without them the identity is
+    found on the real experts and a defense's permutation is still undone.
 
     **Attention heads** (``heads=true``). Reordering whole heads (Q/K/V rows, O columns, biases), or
     with GQA whole kv groups together with their query heads and the query heads inside a group,
@@ -59,7 +70,7 @@ class Realign(Attack):
 
     name = "realign"
     standard_composites: ClassVar[tuple[str, ...]] = ("realign+scale-division",)
-    version = "1"
+    version = "2"
     Params = RealignParams
     paper = "Ainsworth, Hayase, Srinivasa. Git Re-Basin: Merging Models modulo Permutation Symmetries. ICLR 2023. https://arxiv.org/abs/2209.04836"
     code = "samuela/git-re-basin"

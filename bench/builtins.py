@@ -53,6 +53,7 @@ merges.register_lazy("adamerging-layer", "merges.adamerging:adamerging_layer")
 
 # ---- suites
 suites.register_lazy("text-minilm", "tasks.text_minilm:TextMiniLM")
+suites.register_lazy("text-mix", "tasks.text_mix:TextMix")
 suites.register_lazy("vision-effnet", "tasks.vision_effnet:VisionEffNet")
 suites.register_lazy("lm-smollm2", "tasks.lm_smollm2:SmolLM2Suite")
 suites.register_lazy("llama2-13b-experts", "tasks.llama2_experts:Llama2Experts")

@@ -8,6 +8,7 @@
     bench merge --method ties --base B --models A1 A2 --param k=0.2 --out OUT
     bench protect --defense D --model DIR --base DIR --out DIR
     bench attack --attack realign,scale-division --artifact DIR --base DIR [--partner DIR] [--merge ta] --out DIR
+    bench attack --attack realign --artifact EXPERT_DIR --base DIR                    # how far it moves an expert
     bench validate --defense NAME                                         # a plugin on tiny models of every family
     bench run --protocol standard --suite vision-effnet [--defense D]        # the standard protocol
     bench show protocol standard                                          # its ordered steps
@@ -137,10 +138,18 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_show(args: argparse.Namespace) -> int:
     if args.name == "protocol":
         return _show_protocol(args.item or "standard")
+    kinds = ("defense", "attack", "merge", "suite", "family")
+    name = args.name
     if args.item:
-        raise UserError(f"bench show {args.name} {args.item}: only `bench show protocol NAME` takes a second word")
+        if args.name not in kinds:
+            raise UserError(f"bench show {args.name} {args.item}: the first word must be one of protocol, "
+                            f"{', '.join(kinds)}")
+        kinds, name = (args.name,), args.item
+        if kinds == ("attack",) and "+" in name:
+            return _show_composite(name)
+    args.name = name
     found = False
-    for kind in ("defense", "attack", "merge", "suite", "family"):
+    for kind in kinds:
         if args.name in _registry(kind):
             found = True
             d = _describe(kind, args.name)
@@ -152,8 +161,28 @@ def cmd_show(args: argparse.Namespace) -> int:
                 print(f"code: {d['code']}")
             for p in d.get("params", []):
                 print(f"  --param {args.name}.{p['name']}=<{p['type']}>   default {p['default']}")
+            if kind == "attack":
+                print(_counterpart_line(args.name))
     if not found:
-        defenses.get(args.name)  # raises with did-you-mean over defenses
+        _registry(kinds[0]).get(args.name)  # raises with did-you-mean
+    return 0
+
+
+def _counterpart_line(name: str) -> str:
+    from bench.plan import make_attacks
+
+    attack = make_attacks(name)[0]
+    cp = attack.counterpart()
+    return (f"honest counterpart: {cp.label} {dict(cp.spec()['params']) or ''}".rstrip()
+            + " (its U and ∅ cells are the references this attack is read against)")
+
+
+def _show_composite(name: str) -> int:
+    from bench.plan import make_attacks
+
+    attack = make_attacks(name)[0]
+    print(f"attack {name} (a composite: {', '.join(s.name for s in attack.steps)} in order)")
+    print(_counterpart_line(name))
     return 0
 
 
@@ -400,6 +429,13 @@ def cmd_attack(args: argparse.Namespace) -> int:
     names = [a.strip() for a in args.attack.split(",") if a.strip()]
     params = parse_param_args(args.param)
     _check_param_targets(params, {part for n in names for part in n.split("+")})
+    if args.out is None:  # the check: how far the attack moves the checkpoint (nothing is written)
+        from bench.attack_check import check_attack, report_lines
+
+        result = check_attack(names, args.artifact, args.base, partners=args.partner, merge=args.merge,
+                              merge_params=merge_params, params=params, family=args.family, data=args.data, seed=args.seed)
+        print("\n".join(report_lines(result)))
+        return 0
     note = attack_checkpoint(names, args.artifact, args.base, args.out,
                              partners=args.partner, merge=args.merge, merge_params=merge_params,
                              params=params, family=args.family, data=args.data, seed=args.seed)
@@ -463,8 +499,13 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
             index = lb_site.build_site(lb_export.SHIPPED, out)
         else:
             staging = out / ".export"
-            source = lb_export.combine(lb_export.SHIPPED, store_path) if with_shipped else store_path
-            lb_export.export(source, staging, protocol=protocol)
+            # the user's store is scored alone; with the shipped data, the published entries are shown as they
+            # ship and the user's beside them ("· your run"): never re-scored against cells of other experts
+            lb_export.export(store_path, staging, protocol=protocol)
+            if with_shipped:
+                lb_export.merge_exports(lb_export.SHIPPED, staging, out / ".combined")
+                shutil.rmtree(staging, ignore_errors=True)
+                staging = out / ".combined"
             index = lb_site.build_site(staging, out)
             shutil.rmtree(staging, ignore_errors=True)
         print(f"site written: {index}")
@@ -527,9 +568,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("kind", nargs="?", help="defense, attack, merge, suite or family")
     ls.set_defaults(func=cmd_list)
 
-    sh = sub.add_parser("show", help="show a plugin's documentation and parameters, or a protocol (`show protocol standard`)")
-    sh.add_argument("name", help="a plugin name, or 'protocol'")
-    sh.add_argument("item", nargs="?", help="with 'protocol': its name (default standard)")
+    sh = sub.add_parser("show", help="show a plugin's documentation and parameters (`show params`, `show attack realign`: "
+                                     "an attack names its honest counterpart), or a protocol (`show protocol standard`)")
+    sh.add_argument("name", help="a plugin name; or a kind (defense, attack, merge, suite, family) then a name; or 'protocol'")
+    sh.add_argument("item", nargs="?", help="after a kind: the plugin's name; after 'protocol': its name (default standard)")
     sh.set_defaults(func=cmd_show)
 
     res = sub.add_parser("results", help="print stored results",
@@ -577,7 +619,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--seed", type=int, default=0)
     pr.set_defaults(func=cmd_protect)
 
-    at = sub.add_parser("attack", help="attack a released checkpoint (and optionally merge it), outside any suite")
+    at = sub.add_parser("attack", help="attack a released checkpoint (and optionally merge it), outside any suite; "
+                                       "without --out, print how far the attack moves it (run it on an unprotected "
+                                       "expert: an undo attack must leave it as it is)")
     at.add_argument("--attack", required=True, help="attack name(s); a comma list runs them in order")
     at.add_argument("--artifact", required=True, help="the released (protected) checkpoint")
     at.add_argument("--base", required=True, help="θ_pre")
@@ -588,7 +632,8 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--family", default=None)
     at.add_argument("--data", default=None, help="labelled data for attacks that train: FILE.jsonl or suite:NAME/TASK")
     at.add_argument("--seed", type=int, default=0)
-    at.add_argument("--out", required=True, help="output directory (HF layout) or .safetensors file")
+    at.add_argument("--out", default=None, help="output directory (HF layout) or .safetensors file; without it "
+                                                "nothing is written and the relative change of the body is printed")
     at.set_defaults(func=cmd_attack)
 
     va = sub.add_parser("validate", help="check a defense plugin on tiny models of every family (seconds)")
@@ -610,7 +655,10 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--port", type=int, default=8000)
     lb.add_argument("--store", default=None, help=f"results database (export: default ${STORE_ENV} or "
                                                    "./mergearena-results.sqlite; build: none, the shipped data)")
-    lb.add_argument("--with-shipped", action="store_true", help="add the shipped results to the store's")
+    lb.add_argument("--with-shipped", action="store_true",
+                    help="build: show the shipped entries as published and your store's beside them (' · your run', "
+                         "unranked; never re-scored together). export: add the shipped cells to the store's (refused "
+                         "when they were built from other experts)")
     lb.add_argument("--protocol", default="standard", help="score under this protocol ('none': every stored cell, "
                                                           "against every registered attack)")
     lb.set_defaults(func=cmd_leaderboard)

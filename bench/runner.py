@@ -13,6 +13,7 @@ re-run of a finished matrix only hashes cell specs. A failing plugin fails its c
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import shutil
@@ -54,7 +55,37 @@ def environment() -> dict[str, Any]:
         "packages": pkgs, "git": git_hash(), "python": platform.python_version(), "host": platform.node(),
         "device": "cuda:" + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch_threads": torch.get_num_threads(),
+        "cpu": cpu_identity(),
     }
+
+
+KERNEL_SWITCHES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_CBWR", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+"""Environment variables that choose CPU kernels (and so the bits of a fine-tune): recorded with every run."""
+
+
+def cpu_identity() -> dict[str, Any]:
+    """What decides which CPU kernels ran: the processor's model and instruction-set flags, the kernel level ATen
+    dispatched to, and the switches that cap it. The same code and seed fine-tune different weights on CPUs
+    that differ here (oneDNN, MKL and ATen pick kernels by instruction set), so every run records them."""
+    model, flags = platform.processor() or "", []
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace").splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and not model.strip():
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = value.split()
+            if model and flags:
+                break
+    except OSError:
+        pass
+    isa = sorted(f for f in flags if f.startswith(("avx", "sse", "fma", "amx", "f16c", "bmi")))
+    try:
+        capability = torch.backends.cpu.get_cpu_capability()
+    except Exception:  # an old torch without the query
+        capability = ""
+    return {"model": model or platform.machine(), "isa_flags": isa, "aten_capability": capability,
+            "cores": os.cpu_count(), "switches": {k: os.environ[k] for k in KERNEL_SWITCHES if k in os.environ}}
 
 
 def git_hash() -> str:

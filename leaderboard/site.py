@@ -242,8 +242,10 @@ def index_view(manifest: dict[str, Any]) -> dict[str, Any]:
     floor = manifest["config"]["utility_floor"]
     groups = [("overall", "Overall", [_row("overall", o["defense"], o["summary"]) for o in manifest["overall"]])]
     for suite in manifest["suites"]:
-        groups.append((suite, suite, [_row(suite, e["defense"], e["summary"])
-                                      for e in manifest["entries"] if e["suite"] == suite]))
+        rows_ = [_row(suite, e["defense"], e["summary"]) for e in manifest["entries"] if e["suite"] == suite]
+        # a suite whose protocol has not yet run against any defense shows its signal (the reference row) only
+        label = suite if any(not r["reference"] for r in rows_) else f"{suite} (reference only: no defense run yet)"
+        groups.append((suite, label, rows_))
     rows = []
     figures = []
     stability = {(item["suite"] or "overall"): item for item in manifest["rank_stability"]}

@@ -32,10 +32,17 @@ is trimmed in row blocks and gives the same result as ``kthvalue`` over the flat
 A tensor merged in row blocks takes its zero-sign majority as a guess (+) and is merged again only
 if some entry depended on it and the guess was wrong; the result is the same as merging it whole.
 
-Trim count: the top ``⌊k·d⌋`` magnitudes (at least one) are kept, plus any entry tied with the
-smallest kept magnitude. The original ``topk_values_mask`` thresholds at the ``(d − ⌊k·d⌋)``-th
-smallest magnitude and so keeps ``⌊k·d⌋ + 1`` entries: immaterial over a flattened model, but
-twice the intended density on a 5-element bias, so per-tensor trimming here drops the extra one.
+Trim count. The original ``topk_values_mask`` (prateeky2806/ties-merging ``src/utils/merge_utils.py``)
+computes ``k = int(d * K); k = d - k``, then ``kth_values = M.abs().kthvalue(k)`` and keeps
+``M.abs() >= kth_values``: the threshold is the ``(d − ⌊k·d⌋)``-th smallest magnitude, i.e. the
+``(⌊k·d⌋ + 1)``-th largest, so it keeps ``⌊k·d⌋ + 1`` entries (plus any tied with the threshold).
+
+* ``ties-global`` reproduces that count exactly (`original_keep_count`; version 2). Version 1 kept
+  ``⌊k·d⌋``, one entry fewer per task vector, so its merge differed from the original's wherever
+  that entry decided an elected sign or a mean (3 of 14,352 entries of three random experts).
+* ``ties`` keeps the top ``⌊k·d⌋`` magnitudes of each tensor (at least one), plus ties: over a
+  flattened model one entry more is immaterial, but per tensor it would be twice the intended
+  density on a 5-element bias, so per-tensor trimming drops it.
 """
 
 from __future__ import annotations
@@ -312,14 +319,24 @@ def check_same_tensors(base: Mapping[str, torch.Tensor], experts: Sequence[Mappi
                                       f"{tensor_shape(expert, name)} vs base {tensor_shape(base, name)}")
 
 
+def original_keep_count(numel: int, k: float) -> int:
+    """Entries the original ``topk_values_mask`` keeps of ``numel`` for a fraction ``k`` < 1: ``⌊k·numel⌋ + 1``.
+
+    Its threshold is ``kthvalue(numel − ⌊k·numel⌋)`` of the magnitudes, the ``(⌊k·numel⌋ + 1)``-th largest.
+    (At ``k`` = 1 it would call ``kthvalue(0)``, an error; here ``k`` = 1 skips the trim.)
+    """
+    return min(numel, int(numel * k) + 1)
+
+
 def global_thresholds(base: Mapping[str, torch.Tensor], experts: Sequence[Mapping[str, torch.Tensor]],
                       keys: Sequence[str], k: float, *, block_elements: int = BLOCK_ELEMENTS) -> list[torch.Tensor]:
-    """Per expert, the exact magnitude threshold of its top-``k`` entries over all ``keys`` together.
+    """Per expert, the exact magnitude threshold of the original's top-``k`` trim over all ``keys`` together
+    (`original_keep_count` entries, plus ties).
 
     Two passes over the model in row blocks (`TopMagnitude`): the magnitudes are never concatenated.
     """
     numel = sum(_numel(tensor_shape(base, n)) for n in keys)
-    selectors = [TopMagnitude(keep_count(numel, k)) for _ in experts]
+    selectors = [TopMagnitude(original_keep_count(numel, k)) for _ in experts]
     size = largest_block((tensor_shape(base, n) for n in keys), block_elements)
     scratch: torch.Tensor | None = None
     for pass_index in range(2):
@@ -393,15 +410,16 @@ def ties_merge_global(base: Mapping[str, torch.Tensor], experts: Sequence[Mappin
     return {n: merged[n] for n in base}
 
 
-@merge_method("ties-global", tensorwise=False, paper=TIES_PAPER)
+@merge_method("ties-global", tensorwise=False, version="2", paper=TIES_PAPER)
 @streams(ties_global_blocks)
 def ties_global(base: StateDict, experts: list[StateDict], *, ctx: MergeContext | None, k: TrimFraction = 0.2,
                 lambda_: float = 1.0, aggregate: Aggregate = "mean") -> StateDict:
     """TIES-Merging with the original whole-model trimming (one top-``k`` threshold per task).
 
     Same defaults as ``ties`` (k = 0.2, λ = 1, disjoint mean). Each task vector is flattened over all
-    floating-point tensors and its top-``k`` magnitudes kept, as ``ties_merging_utils.topk_values_mask``
-    does on ``state_dict_to_vector``; the zero-sign majority is also taken over the whole model.
+    floating-point tensors and trimmed as ``topk_values_mask`` does on ``state_dict_to_vector``: the
+    entries with magnitude at least the ``(d − ⌊k·d⌋)``-th smallest, ⌊k·d⌋ + 1 of them (see the module
+    docstring); the zero-sign majority is also taken over the whole model.
     Needs no data, so ``ctx`` may be None. Runs out of core (``bench merge --method ties-global``):
     two passes find the exact global thresholds by radix selection, a third merges tensor by tensor
     (a fourth only when the whole-model majority sign was guessed wrong and mattered).

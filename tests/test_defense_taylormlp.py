@@ -128,14 +128,16 @@ def test_mask_rule_drops_high_orders_far_from_the_expansion_point() -> None:
 
 # The tiny CLIP's pre-activations reach ±5, beyond QuickGELU's radius of convergence (≈1.85 around 0),
 # where no order helps; its MLP inputs are scaled down so the test pins the plumbing, not the divergence.
-@pytest.mark.parametrize("name,calm", [("bert", None), ("clip-vision", 0.3), ("llama", None)])
-def test_artifact_runs_as_a_variant_close_to_the_expert(name: str, calm: float | None) -> None:
+# Measured relative logit errors: 1.27e-2 (bert), 6.8e-4 (clip-vision), 2.87e-2 (llama); each bound is 3-4x its
+# measurement, so a Taylor expansion one order short or a wrong coefficient fails.
+@pytest.mark.parametrize("name,calm,bound", [("bert", None, 5e-2), ("clip-vision", 0.3, 2.5e-3), ("llama", None, 0.1)])
+def test_artifact_runs_as_a_variant_close_to_the_expert(name: str, calm: float | None, bound: float) -> None:
     family, expert, ctx, probe = setup(name, calm=calm)
     artifact = TaylorMLP().protect(expert, ctx)
     error = relative(logits(family, artifact, probe), logits(family, expert.body, probe))
     print(f"\ntaylormlp on tiny {name}: relative logit error {error:.2e}, latency ratio "
           f"{artifact.notes['latency_ratio']:.2f}, FFN errors {artifact.notes['ffn_relative_error']}")
-    assert error < 0.1
+    assert error < bound
     assert artifact.notes["latency_protected_s"] > 0 and artifact.notes["latency_original_s"] > 0
 
 

@@ -494,7 +494,10 @@ def test_runner_results_export_and_render(toy_suite, tmp_path: Path):
     from bench.executors.local import run_local
     from bench.plan import build_plan
 
-    plan = build_plan(toy_suite, defense="toy-scale", attack="none", merge="ta", victims=["t10"])
+    # λ = 1: the toy experts' task vectors are weak, and at 0.3 the victim gives the merge nothing (measured:
+    # V_U = V_∅ = 0.477 on t10); at 1 its gain is significant (0.047 [0.015, 0.086]), so the formula is exercised
+    plan = build_plan(toy_suite, defense="toy-scale", attack="none", merge="ta", victims=["t10"],
+                      params={"ta": {"lambda_": "1.0"}})
     with Store(tmp_path / "r.sqlite") as store:
         summary = run_local(toy_suite, store, plan.cells, run_id="e2e", log=lambda m: None)
         assert summary.failed == 0
@@ -514,11 +517,9 @@ def test_runner_results_export_and_render(toy_suite, tmp_path: Path):
     floor = metric(cells[("merge", "counterfactual")], "merged")
     (pair,) = entry["victims"][0]["recovered"]
     assert (pair["v_protected"], pair["v_unprotected"], pair["v_counterfactual"]) == pytest.approx((protected, unprotected, floor), abs=1e-5)
-    if not pair["informative"]:
-        assert pair["recovered"] is None and "uninformative" in pair["na_reason"]
-    else:
-        expected = min(1.0, max(0.0, (protected - floor) / (unprotected - floor)))
-        assert pair["recovered"] == pytest.approx(expected, abs=1e-6)
+    assert pair["informative"] is True and unprotected - floor > 0.01
+    expected = min(1.0, max(0.0, (protected - floor) / (unprotected - floor)))  # the amplified release clips at 1
+    assert pair["recovered"] == pytest.approx(expected, abs=1e-6)
     assert entry["victims"][0]["utility"] == pytest.approx(metric(cells[("merge", "toy-scale")], "utility") / ft, abs=1e-6)
     assert cells[("merge", "toy-scale")]["provenance"]["hashes"]["artifact"]
     assert "e2e" in entry["runs"]  # the run (and its environment, when recorded) travels with the numbers

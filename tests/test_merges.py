@@ -142,13 +142,14 @@ def test_ties_default_keeps_top_twenty_percent_per_tensor():
 
 
 def test_ties_global_trims_over_the_whole_model():
-    # One expert, k = 0.5 of 4 entries: the global top-2 are both in tensor "a"; per tensor, "b" keeps its 0.2.
-    base = {"a": torch.zeros(2), "b": torch.zeros(2)}
-    expert = {"a": T([10.0, 9.0]), "b": T([0.1, 0.2])}
-    per_tensor = merge("ties", base, [expert], k=0.5)
-    whole = merges.get("ties-global").merge(base, [expert], merges.get("ties-global").parse({"k": "0.5"}))
-    assert torch.equal(per_tensor["a"], T([10.0, 0.0])) and torch.equal(per_tensor["b"], T([0.0, 0.2]))
-    assert torch.equal(whole["a"], T([10.0, 9.0])) and torch.equal(whole["b"], T([0.0, 0.0]))
+    # One expert, k = 0.25 of 8 entries: the original keeps ⌊0.25·8⌋ + 1 = 3 (kthvalue(6) then >=), the global
+    # top 3, all in tensor "a"; per tensor (⌊0.25·4⌋ = 1 each), "a" keeps 10 and "b" keeps its 0.4.
+    base = {"a": torch.zeros(4), "b": torch.zeros(4)}
+    expert = {"a": T([10.0, 9.0, 8.0, 0.05]), "b": T([0.1, 0.2, 0.3, 0.4])}
+    per_tensor = merge("ties", base, [expert], k=0.25)
+    whole = merges.get("ties-global").merge(base, [expert], merges.get("ties-global").parse({"k": "0.25"}))
+    assert torch.equal(per_tensor["a"], T([10.0, 0.0, 0.0, 0.0])) and torch.equal(per_tensor["b"], T([0.0, 0.0, 0.0, 0.4]))
+    assert torch.equal(whole["a"], T([10.0, 9.0, 8.0, 0.0])) and torch.equal(whole["b"], T([0.0, 0.0, 0.0, 0.0]))
 
 
 def test_ties_global_zero_sign_majority_spans_tensors():
@@ -183,23 +184,76 @@ def test_top_magnitude_is_the_kthvalue_of_the_concatenated_magnitudes(seed):
         assert torch.equal(top_magnitude(values, keep), select.value)
 
 
+# A transcription of the original's three functions (prateeky2806/ties-merging ``src/utils/merge_utils.py``,
+# ``topk_values_mask``, ``resolve_sign`` with ``resolve_zero_signs`` "majority", ``disjoint_merge``), kept as
+# written there (names, steps, the ``K > 1`` percent convention); only the logging and return_mask are dropped.
+
+
+def original_topk_values_mask(M, K=0.7):  # noqa: N803  (the original's names)
+    if K > 1:
+        K /= 100
+    original_shape = M.shape
+    if M.dim() == 1:
+        M = M.unsqueeze(0)
+    n, d = M.shape
+    k = int(d * K)
+    k = d - k  # Keep top k elements instead of bottom k elements
+    # Find the k-th smallest element by magnitude for each row
+    kth_values, _ = M.abs().kthvalue(k, dim=1, keepdim=True)
+    # Create a mask tensor with True for the top k elements in each row
+    mask = M.abs() >= kth_values
+    final_mask = mask.squeeze() if original_shape == M.squeeze().shape else mask
+    return M * final_mask, final_mask.float().mean(dim=1)
+
+
+def original_resolve_zero_signs(sign_to_mult, method="majority"):
+    majority_sign = torch.sign(sign_to_mult.sum())
+    if method == "majority":
+        sign_to_mult[sign_to_mult == 0] = majority_sign
+    elif method == "minority":
+        sign_to_mult[sign_to_mult == 0] = -1 * majority_sign
+    return sign_to_mult
+
+
+def original_resolve_sign(Tensor, resolve_method):  # noqa: N803
+    if resolve_method == "mass":
+        sign_to_mult = torch.sign(Tensor.sum(dim=0))
+    else:
+        raise ValueError(f"Sign resolve method {resolve_method} is not transcribed.")
+    sign_to_mult = original_resolve_zero_signs(sign_to_mult, "majority")
+    return sign_to_mult
+
+
+def original_disjoint_merge(Tensor, merge_func, sign_to_mult):  # noqa: N803
+    merge_func = merge_func.split("-")[-1]
+    # If sign is provided then we select the corresponding entries and aggregate.
+    if sign_to_mult is not None:
+        rows_to_keep = torch.where(sign_to_mult.unsqueeze(0) > 0, Tensor > 0, Tensor < 0)
+        selected_entries = Tensor * rows_to_keep
+    # Else we select all non-zero entries and aggregate.
+    else:
+        rows_to_keep = Tensor != 0
+        selected_entries = Tensor * rows_to_keep
+    if merge_func == "mean":
+        non_zero_counts = (selected_entries != 0).sum(dim=0).float()
+        disjoint_aggs = torch.sum(selected_entries, dim=0) / torch.clamp(non_zero_counts, min=1)
+    elif merge_func == "sum":
+        disjoint_aggs = torch.sum(selected_entries, dim=0)
+    elif merge_func == "max":
+        disjoint_aggs = selected_entries.abs().max(dim=0)[0]
+        disjoint_aggs *= sign_to_mult
+    else:
+        raise ValueError(f"Merge method {merge_func} is not defined.")
+    return disjoint_aggs
+
+
 def flattened_ties_reference(base: StateDict, experts: list[StateDict], k: float, aggregate: str) -> StateDict:
-    """The original algorithm (ties_merging_utils): flatten each τ over the model, topk mask, sign majority, disjoint merge."""
+    """The original pipeline (``merge_methods`` with reset ``topk``, resolve ``mass``, merge ``dis-<aggregate>``)
+    on task vectors flattened over the model's floating-point tensors; ``k`` = 1 is its reset ``none`` (no trim)."""
     keys = [n for n in base if base[n].is_floating_point()]
     flat = torch.stack([torch.cat([(e[n] - base[n]).reshape(-1) for n in keys]) for e in experts])
-    keep = max(1, int(flat.shape[1] * k))
-    thresholds = flat.abs().kthvalue(flat.shape[1] - keep + 1, dim=1, keepdim=True).values
-    trimmed = flat * (flat.abs() >= thresholds)
-    sign = torch.sign(trimmed.sum(dim=0))
-    sign[sign == 0] = torch.sign(sign.sum())
-    agrees = torch.where(sign > 0, trimmed > 0, trimmed < 0)
-    selected = trimmed * agrees
-    if aggregate == "mean":
-        merged = selected.sum(dim=0) / (selected != 0).sum(dim=0).clamp(min=1)
-    elif aggregate == "sum":
-        merged = selected.sum(dim=0)
-    else:
-        merged = selected.abs().amax(dim=0) * sign
+    trimmed = flat.clone() if k == 1.0 else original_topk_values_mask(flat.clone(), K=k)[0]
+    merged = original_disjoint_merge(trimmed, f"dis-{aggregate}", original_resolve_sign(trimmed, "mass"))
     out, offset = dict(base), 0
     for n in keys:
         out[n] = base[n] + merged[offset:offset + base[n].numel()].reshape(base[n].shape)
@@ -243,7 +297,7 @@ def test_ties_global_keeps_the_exact_top_k_of_each_task_vector():
     for k in (0.01, 0.2, 0.7):
         out = ties_merge_global(base, experts, k=k, lambda_=1.0, aggregate="sum", block_elements=5)
         kept = sum(int((out[n] != base[n]).sum()) for n in base if base[n].is_floating_point())
-        assert kept == max(1, int(numel * k))  # continuous values: no tie at the threshold
+        assert kept == int(numel * k) + 1  # as the original's kthvalue(d - ⌊k·d⌋) then >=; no tie at the threshold
 
 
 def test_ties_global_merges_again_when_the_guessed_majority_sign_was_wrong():
@@ -681,3 +735,111 @@ def test_adamerging_objective_uses_batch_statistics_not_merged_running_ones(tmp_
     b = learn_coefficients(base, odd, ctx, granularity="tensor", clamp=True, **ADA_FAST)
     assert torch.isfinite(b.coefficients).all() and torch.equal(a.coefficients, b.coefficients)
     assert not torch.allclose(a.coefficients, torch.full_like(a.coefficients, 0.3))
+
+
+@pytest.mark.parametrize("name", ["wa", "ta"])
+def test_linear_merges_allocate_every_block_buffer_on_the_experts_device(name):
+    # meta tensors stand in for a GPU: a running sum or a conversion buffer made on the default device (CPU)
+    # cannot be added to, so the merge would fail on a GPU. The half tensor goes through WA's float32 buffer.
+    base = {"w": torch.zeros(6, 4, device="meta"), "h": torch.zeros(3, 2, dtype=torch.float16, device="meta")}
+    experts = [{k: torch.empty_like(v) for k, v in base.items()} for _ in range(2)]
+    out = merge(name, base, experts)
+    assert {k: (v.device.type, v.dtype, v.shape) for k, v in out.items()} == {
+        k: ("meta", v.dtype, v.shape) for k, v in base.items()}
+
+
+def test_ties_global_names_the_missing_and_the_unexpected_tensors_of_an_expert():
+    base = {"a": torch.zeros(2), "b": torch.zeros(2)}
+    with pytest.raises(CheckpointError, match=r"expert 1 .*1 tensor\(s\) missing \(e.g. \['b'\]\), 0 unexpected"):
+        merges.get("ties-global").merge(base, [dict(base), {"a": torch.ones(2)}])
+    with pytest.raises(CheckpointError, match=r"expert 0 .*0 tensor\(s\) missing \(e.g. \[\]\), 1 unexpected \(e.g. \['c'\]\)"):
+        merges.get("ties-global").merge(base, [{**base, "c": torch.ones(2)}])
+    many = {f"t{i}": torch.zeros(1) for i in range(5)}  # at most three names are quoted
+    with pytest.raises(CheckpointError, match=r"5 tensor\(s\) missing \(e.g. \['t0', 't1', 't2'\]\), 4 unexpected "
+                                              r"\(e.g. \['u0', 'u1', 'u2'\]\)"):
+        merges.get("ties-global").merge(many, [{f"u{i}": torch.zeros(1) for i in range(4)}])
+    with pytest.raises(CheckpointError, match="^a merge needs at least one expert$"):
+        merges.get("ties-global").merge(base, [])
+
+
+def test_disjoint_merge_counts_only_the_nonzero_values_that_agree_with_the_sign():
+    # one entry elected +, one elected −: the zeros of the third expert agree with neither
+    trimmed = T([[2.0, -2.0], [0.0, 0.0], [4.0, -4.0], [-1.0, 1.0]])
+    sign = T([1.0, -1.0])
+    assert torch.equal(disjoint_merge(trimmed, sign, "mean"), T([3.0, -3.0]))  # (2 + 4) / 2, not / 3
+    assert torch.equal(disjoint_merge(trimmed, sign, "sum"), T([6.0, -6.0]))
+    assert torch.equal(disjoint_merge(T([[0.5], [-2.0]]), T([-1.0]), "mean"), T([-2.0]))  # 0.5 is not < 0
+    with pytest.raises(ParamError, match="aggregate must be one of mean, sum, max; got 'median'"):
+        disjoint_merge(trimmed, sign, "median")
+
+
+def test_dare_drop_rate_lies_in_zero_to_one_excluded():
+    from merges.dare import check_drop_rate
+
+    for p in (0.0, 0.5, 0.999):
+        check_drop_rate(p)
+    for p in (1.0, 1.5, -0.1):
+        with pytest.raises(ParamError, match=r"drop probability and must lie in \[0, 1\) .*got " + str(p)):
+            check_drop_rate(p)
+
+
+@pytest.mark.parametrize("block_elements", [1, 1 << 20])
+@pytest.mark.parametrize(("taus", "expected"), [
+    # Σ elected signs = 0: no whole-model majority, so the zero-sum entry keeps its negative value (the original)
+    ([[1.0, -1.0, 2.0], [1.0, -1.0, -2.0]], [1.0, -1.0, -2.0]),
+    # Σ = +1: the majority is +, the zero-sum entry keeps +2
+    ([[1.0, 2.0], [1.0, -2.0]], [1.0, 2.0]),
+    # Σ = 0 with a zero sum of magnitudes below 1: still ambiguous
+    ([[1.0, -1.0, 0.25], [1.0, -1.0, -0.25]], [1.0, -1.0, -0.25]),
+    # Σ = −1 although the last entry (the last block when blocks are single entries) is +: the majority is −
+    ([[2.0, -1.0, -1.0, 1.0], [-2.0, -1.0, -1.0, 1.0]], [-2.0, -1.0, -1.0, 1.0]),
+])
+def test_ties_global_resolves_zero_sums_by_the_sign_of_the_whole_model_tally(taus, expected, block_elements):
+    base = {"w": torch.zeros(len(expected))}
+    experts = [{"w": T(tau)} for tau in taus]
+    merged = ties_merge_global(base, experts, k=1.0, lambda_=1.0, aggregate="mean", block_elements=block_elements)
+    assert torch.equal(merged["w"], T(expected))
+    assert torch.equal(flattened_ties_reference(base, experts, 1.0, "mean")["w"], T(expected))  # the original agrees
+
+
+def test_ties_global_carries_every_row_of_an_integer_buffer_in_row_blocks():
+    base = {"w": torch.zeros(2), "steps": torch.tensor([[1], [2], [3]])}
+    experts = [{"w": T([1.0, -1.0]), "steps": torch.tensor([[9], [9], [9]])}]
+    merged = ties_merge_global(base, experts, k=1.0, lambda_=1.0, aggregate="mean", block_elements=1)
+    assert torch.equal(merged["steps"], base["steps"]) and torch.equal(merged["w"], T([1.0, -1.0]))
+
+
+@pytest.mark.parametrize(("taus", "expected"), [
+    ([[1.0, -1.0, 2.0], [1.0, -1.0, -2.0]], [1.0, -1.0, -2.0]),  # Σ signs = 0: the negative value of the zero sum
+    ([[1.0, 2.0], [1.0, -2.0]], [1.0, 2.0]),  # Σ = +1
+    ([[2.0, -1.0, -1.0, 1.0], [-2.0, -1.0, -1.0, 1.0]], [-2.0, -1.0, -1.0, 1.0]),  # Σ = −1, last row +
+    ([[1.0, -1.0, 0.25], [1.0, -1.0, -0.25]], [1.0, -1.0, -0.25]),  # Σ = 0, a zero sum of small magnitudes
+])
+def test_ties_in_single_entry_row_blocks_resolves_zero_sums_by_the_tensors_tally(taus, expected):
+    # per tensor, the tensor is the scope: merged one entry per block, the majority is still the tensor's
+    base = {"w": torch.zeros(len(expected))}
+    experts = [{"w": T(tau)} for tau in taus]
+    params = {"k": 1.0, "lambda_": 1.0, "aggregate": "mean"}
+    assert torch.equal(merged_tensor(merges.get("ties"), base, experts, params, "w", block_elements=1), T(expected))
+    assert torch.equal(merge("ties", base, experts, k=1.0)["w"], T(expected))  # whole, the original's rule
+
+
+def test_ties_parameter_checks_name_the_valid_range_and_choices():
+    from merges.ties import check_ties_params
+
+    check_ties_params(1.0, "mean")
+    for k in (0.0, 1.5):
+        with pytest.raises(ParamError, match=r"k is the fraction of entries kept and must lie in \(0, 1\] .*got " + str(k)):
+            check_ties_params(k, "mean")
+    with pytest.raises(ParamError, match="aggregate must be one of mean, sum, max; got 'median'"):
+        check_ties_params(0.2, "median")
+    with pytest.raises(ParamError, match="aggregate must be one of mean, sum, max; got 'median'"):
+        elect_and_merge(T([[1.0]]), "median", None)
+
+
+def test_trim_with_a_nan_threshold_keeps_nothing_as_the_mask_does():
+    from merges.ties import trim_
+
+    # a NaN threshold (a task vector with NaN magnitudes) compares false everywhere, as tau * (|tau| >= t) does
+    assert torch.equal(trim_(T([1.0, -2.0, 3.0]), T(float("nan"))), T([0.0, 0.0, 0.0]))
+    assert torch.equal(trim_(T([1.0, -2.0, 2.0, 3.0]), T(2.0)), T([0.0, -2.0, 2.0, 3.0]))  # |τ| = t is kept

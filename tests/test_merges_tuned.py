@@ -41,16 +41,38 @@ def test_ta_tuned_picks_the_best_lambda_on_the_labelled_budget(toy_suite, monkey
     # exactly 64 distinct training samples of the victim were read, nothing of the test split
     assert {(t, s) for t, s, _ in recorder.seen} == {("t10", "train")}
     assert len(set(recorder.seen)) == 64
-    # the chosen λ is the argmax of the recorded criterion over the grid, and the merge is TA at that λ
+    # every λ's score, computed here: θ_pre + λ Σ τ_i built by hand and run on the same 64 samples
     from merges.tuned import TA_GRID
 
+    samples = list(toy_suite.batches("t10", "train", batch_size=64, limit=64, shuffle=True, seed=0))
+    head = toy_suite.expert("t10").head
+    scores = [_naive_accuracy_and_loss(toy_suite, _naive_ta(base, experts, lam), head, samples) for lam in TA_GRID]
     grid = ctx.notes["grid"]
     assert [g[0] for g in grid] == list(TA_GRID)
-    best = max(range(len(grid)), key=lambda i: (grid[i][1], -grid[i][2], -i))
-    assert ctx.notes["lambda_"] == grid[best][0]
-    ta = merges.get("ta")
-    expected = ta.merge(base, experts, ta.Params(lambda_=ctx.notes["lambda_"]))
-    assert all(torch.equal(merged[k], expected[k]) for k in expected)
+    assert [g[1] for g in grid] == pytest.approx([acc for acc, _ in scores], abs=1e-6)
+    assert [g[2] for g in grid] == pytest.approx([loss for _, loss in scores], abs=1e-5)
+    assert len({acc for acc, _ in scores}) > 1  # the λ matter on this budget: scoring one model for all would show
+    best = max(range(len(TA_GRID)), key=lambda i: (scores[i][0], -scores[i][1], -i))
+    assert ctx.notes["lambda_"] == TA_GRID[best]
+    expected = _naive_ta(base, experts, TA_GRID[best])
+    assert all(torch.allclose(merged[k].float(), expected[k].float(), atol=1e-6) for k in expected)
+
+
+def _naive_ta(base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]], lam: float) -> dict[str, torch.Tensor]:
+    """θ_pre + λ Σ (θ_i − θ_pre), tensor by tensor, written without `merges` (integer buffers: θ_pre's)."""
+    return {k: v + lam * sum(e[k] - v for e in experts) if v.is_floating_point() else v for k, v in base.items()}
+
+
+def _naive_accuracy_and_loss(suite, body, head, batches) -> tuple[float, float]:
+    """Accuracy and mean cross-entropy of ``body`` with ``head`` over ``batches``, summed example by example."""
+    model = suite.task_model(body, head, "t10").eval()
+    hits, losses = [], []
+    with torch.no_grad():
+        for b in batches:
+            logits = model(**b.inputs)
+            hits += (logits.argmax(-1) == b.labels).tolist()
+            losses += torch.nn.functional.cross_entropy(logits, b.labels, reduction="none").tolist()
+    return sum(hits) / len(hits), sum(losses) / len(losses)
 
 
 def test_tuned_merge_draws_the_same_samples_as_the_finetuning_attacks(toy_suite) -> None:
@@ -72,7 +94,7 @@ def test_tuned_merges_declare_their_labelled_need_and_refuse_without_a_victim(to
         assert not method.tensorwise
     method = merges.get("ta-tuned")
     ctx = _ctx(toy_suite, victim="")
-    with pytest.raises(TuningError, match="victim"):
+    with pytest.raises(TuningError, match=r"needs the victim task it tunes for \(MergeContext\.victim\)"):
         method.merge(toy_suite.pretrained(), [toy_suite.expert("t10").body], method.Params(), ctx=ctx)
     assert merges.get("ta").labelled(merges.get("ta").Params()) == 0
 
@@ -217,3 +239,66 @@ def test_the_criterion_runs_the_model_once_per_batch_and_reads_the_loss_of_two_p
         losses = [float(toy_suite.loss(model, b)) * len(b.labels) for b in batches]
         hits = [int((model(**b.inputs).argmax(-1) == b.labels).sum()) for b in batches]
     assert loss == sum(losses) / 150 and acc == sum(hits) / 150
+
+
+def test_dare_ties_tuned_scores_each_drop_rate_with_its_own_seeded_merge(toy_suite) -> None:
+    """Each p of the grid is scored on its own DARE-TIES merge, drawn with the cell's seed, and the best one is
+    returned; the scores are recomputed here with a naive loop over the same labelled samples."""
+    from merges.tuned import DARE_GRID
+
+    experts = [toy_suite.expert(t).body for t in sorted(toy_suite.tasks)]
+    base = toy_suite.pretrained()
+    ctx = _ctx(toy_suite, victim="t10", seed=3)
+    method = merges.get("dare-ties-tuned")
+    merged = method.merge(base, experts, method.Params(samples=64), ctx=ctx)
+    dare = merges.get("dare-ties")
+    candidates = [dare.merge(base, experts, dare.Params(p=p), seed=3) for p in DARE_GRID]
+    samples = list(toy_suite.batches("t10", "train", batch_size=64, limit=64, shuffle=True, seed=3))
+    head = toy_suite.expert("t10").head
+    scores = [_naive_accuracy_and_loss(toy_suite, c, head, samples) for c in candidates]
+    grid = ctx.notes["grid"]
+    assert [g[0] for g in grid] == list(DARE_GRID)
+    assert [g[1] for g in grid] == pytest.approx([acc for acc, _ in scores], abs=1e-6)
+    assert [g[2] for g in grid] == pytest.approx([loss for _, loss in scores], abs=1e-5)
+    assert len(set(scores)) == len(DARE_GRID)  # every p is a different model here
+    best = max(range(len(DARE_GRID)), key=lambda i: (scores[i][0], -scores[i][1], -i))
+    assert ctx.notes["p"] == DARE_GRID[best]
+    assert all(torch.equal(merged[k], candidates[best][k]) for k in base)
+    seed0 = dare.merge(base, experts, dare.Params(p=DARE_GRID[best]), seed=0)
+    assert any(not torch.equal(merged[k], seed0[k]) for k in base)  # the seed reaches the drops
+
+
+def test_tune_without_a_context_names_the_tuned_method() -> None:
+    from merges.tuned import DARE_GRID, TA_GRID, TuningError, tune, tune_lambda
+
+    base, experts = {"w": torch.zeros(2)}, [{"w": torch.ones(2)}]
+    with pytest.raises(TuningError, match="dare-ties-tuned tunes on labelled victim data and needs a suite context"):
+        tune(merges.get("dare-ties"), base, experts, None, param="p", grid=DARE_GRID, samples=8)
+    with pytest.raises(TuningError, match="ta-tuned tunes on labelled victim data and needs a suite context"):
+        tune_lambda(merges.get("ta"), base, experts, None, grid=TA_GRID, samples=8)
+
+
+def test_select_prefers_accuracy_then_the_lower_loss_then_the_smaller_coefficient(monkeypatch) -> None:
+    import types
+
+    import merges.tuned as tuned
+
+    # (accuracy, loss) per coefficient: 0.2-0.4 share the best accuracy, 0.3 and 0.4 the lower loss too
+    scores = {0.1: (0.1234567891, 0.3), 0.2: (0.75, 0.4), 0.3: (0.75, 0.2123456789), 0.4: (0.75, 0.2123456789), 0.5: (0.6, 0.1)}
+    monkeypatch.setattr(tuned, "_criterion", lambda ctx, merged, head, batches: scores[merged["value"]])
+    ctx = MergeContext(suite=None, tasks=["v"], heads=[{}], victim="v")
+    batches = [types.SimpleNamespace(labels=torch.zeros(3)), types.SimpleNamespace(labels=torch.zeros(2))]
+    chosen = tuned.select(ctx, batches, param="lambda_", grid=list(scores), candidate=lambda v: {"value": v})
+    assert chosen == {"value": 0.3} and ctx.notes["lambda_"] == 0.3
+    assert ctx.notes["grid"] == [[v, round(acc, 6), round(loss, 6)] for v, (acc, loss) in scores.items()]
+    assert ctx.notes["samples"] == 5 and ctx.notes["tuned"] == "lambda_"
+    assert ctx.notes["criterion"] == "accuracy on the labelled victim samples, then lower loss"
+
+
+def test_the_labelled_budget_is_at_least_one_sample(toy_suite) -> None:
+    from merges.tuned import TuningError, labelled_victim_batches
+
+    ctx = MergeContext(suite=toy_suite, tasks=["t10"], heads=[{}], victim="t10")
+    assert [len(b.labels) for b in labelled_victim_batches(ctx, 1)] == [1]
+    with pytest.raises(TuningError, match="needs at least one labelled sample; got samples=0"):
+        labelled_victim_batches(ctx, 0)

@@ -307,8 +307,9 @@ def test_structure_changed_release_gets_its_utility_measured_under_attack_none(t
     util, base = recs[("taylormlp", "utility")], recs[("-", "baseline")]
     assert util.status == "ok", util.reason
     assert util.provenance["defense_notes"] and util.provenance["timings"]["protect"] > 0
-    # a Taylor expansion approximates the expert: it keeps the expert's learned accuracy, not θ_pre's
-    assert util.value("utility") == pytest.approx(base.value("expert"), abs=0.1)
+    # a Taylor expansion approximates the expert: it keeps the expert's learned accuracy, not θ_pre's. Measured:
+    # utility 1.0 and expert 1.0 (no test example of 128 differs); the bound allows one flipped example (1/128)
+    assert util.value("utility") == pytest.approx(base.value("expert"), abs=1.5 / 128)
     assert base.value("expert") - base.value("pretrained") > 0.2
 
 

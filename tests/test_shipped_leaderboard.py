@@ -46,7 +46,10 @@ def test_every_registered_defense_is_on_every_shipped_suite(shipped) -> None:
     listed = {(e["suite"], e["defense"]) for e in manifest["entries"]}
     listed |= {(n["suite"], n["defense"]) for n in manifest["not_applicable"]}
     builtin = [d for d in defenses.names() if defenses.get(d).__module__.startswith("defenses.")]
-    for suite in manifest["suites"]:
+    # a suite may ship its reference row alone (its signal) before the protocol has run against any defense
+    ran = {e["suite"] for e in manifest["entries"] if e["defense"] != "none"}
+    assert set(EMBEDDED) <= ran
+    for suite in sorted(ran):
         absent = [d for d in builtin if (suite, d) not in listed]
         assert not absent, f"{suite}: {absent}"
 

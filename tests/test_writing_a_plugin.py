@@ -54,7 +54,10 @@ def test_the_readme_defense_is_found_validated_planned_and_run(readme_defense: s
     assert cls.describe()["summary"] == "One line that `bench list` prints."
 
     checks = validate(readme_defense)
-    assert [c.status for c in checks] == ["ok"] * len(checks), [(c.family, c.detail) for c in checks]
+    # every family that can build its module here passes; one whose package is missing (open_clip without its
+    # extra) says it could not run the model ('unverified'), never 'ok' without a check
+    assert {c.status for c in checks} <= {"ok", "unverified"}, [(c.family, c.detail) for c in checks]
+    assert all(c.status == "ok" for c in checks if c.family != "open-clip-vit"), [(c.family, c.detail) for c in checks]
 
     plan = build_plan(toy_suite, defense=readme_defense, merge="ta", victims=["t10"])
     mine = [c for c in plan.cells if c.defense is not None and c.defense.name == readme_defense]

