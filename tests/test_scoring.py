@@ -394,13 +394,13 @@ def test_stability_counts_the_draws_that_reorder_the_point_ranking():
         return DefenseScore("toy", name, ["v"], utility=1.0, security=sec, rank=1)
 
     one = np.ones(4)
-    draws = {"a": EntryDraws(np.array([0.5, 0.6, 0.4, 0.7]), one, one, one),
+    draws = {"a": EntryDraws(np.array([0.5, 0.6, 0.7, 0.7]), one, one, one),
              "b": EntryDraws(np.array([0.55, 0.5, 0.45, 0.6]), one, one, one)}
-    st = stability([entry("a", 0.55), entry("b", 0.525)], draws)
-    # by hand: b is strictly more secure in draws 0 and 2 of 4; the order a > b holds in draws 1 and 3
+    st = stability([entry("a", 0.625), entry("b", 0.525)], draws)
+    # by hand: b is strictly more secure in draw 0 only; the order a > b holds in draws 1, 2 and 3
     assert st.defenses == ["a", "b"]
-    assert st.pairwise_flip == [("a", "b", 0.5)] and st.stable_fraction == 0.5
-    assert st.rank_probability == [[0.5, 0.5], [0.5, 0.5]]
+    assert st.pairwise_flip == [("a", "b", 0.25)] and st.stable_fraction == 0.75
+    assert st.rank_probability == [[0.75, 0.25], [0.25, 0.75]]
 
 
 def test_utility_above_one_earns_no_credit_in_the_order():
@@ -629,3 +629,18 @@ def test_no_cross_suite_rank_when_defenses_cover_different_suites():
     overall = {d.defense: d for d in s.overall}
     assert overall["a"].rank is None and overall["b"].rank is None
     assert "different suites" in overall["a"].unranked_reason
+
+
+def test_separation_reads_the_lower_tail_of_the_paired_difference_and_no_evidence_is_no_difference():
+    from bench.scoring import separated
+
+    base = np.zeros(100)
+    ahead = base + 0.1
+    ahead[:4] = -0.1  # a is ahead in 96 of 100 draws: the 2.5 % tail is behind, so not separated at 95 %
+    assert not separated(ahead, base, 0.95)
+    assert separated(ahead, base, 0.90)  # at 90 % the 5 % tail is ahead
+    clear = base + 0.1
+    assert separated(clear, base, 0.95) and not separated(base, clear, 0.95)
+    undefined = clear.copy()
+    undefined[:5] = np.nan  # a draw without a value is no evidence for a: counted as no difference (5 % of draws)
+    assert not separated(undefined, base, 0.95)
