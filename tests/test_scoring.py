@@ -585,7 +585,9 @@ def test_entry_pair_rows_cover_one_stated_set_of_victims_and_agree_with_their_va
                utility_cell("h", 0.88), utility_cell("h", 0.88, victim="w"),
                *pipeline("g", "none", "ta", p=0.7, u=0.8, z=0.6),
                *pipeline("g", "none", "ta", p=0.9, u=0.6, z=0.6, victim="w"),  # w gives nothing under ta
-               *pipeline("g", "realign", "ta", p=0.78, u=0.8, z=0.6),
+               *pipeline("g", "realign", "ta", p=0.78, u=0.8, z=0.6, timings={"prepare": 2.0, "finish": 1.0},
+                         partner=(0.55, 0.75)),
+               *pipeline("g", "none", "ties", p=0.7, u=0.6, z=0.6, victim="w"),  # no victim gains under ties
                *pipeline("h", "none", "ta", p=0.65, u=0.8, z=0.6)[:1],
                *pipeline("h", "none", "ta", p=0.6, u=0.6, z=0.6, victim="w")[:1]]
     # h never ran realign on v (the protocol stopped there earlier)
@@ -595,6 +597,11 @@ def test_entry_pair_rows_cover_one_stated_set_of_victims_and_agree_with_their_va
     assert ta.victims == ("v",)  # w's gain is 0: not covered, whatever its V_P
     assert (ta.v_protected, ta.v_unprotected, ta.v_counterfactual) == pytest.approx((0.7, 0.8, 0.6))
     assert ta.recovered == pytest.approx(recovered_fraction(ta.v_protected, ta.v_unprotected, ta.v_counterfactual))
+    assert (ta.gain, ta.informative, ta.n, ta.counterpart, ta.na_reason) == (pytest.approx(0.2), True, 1, "none", "")
+    ties = g[("none", "ties")]  # listed before realign/ta: a row without a value must not end the list
+    assert ties.recovered is None and ties.n == 0 and ties.victims == () and "uninformative" in ties.na_reason
+    realign = g[("realign", "ta")]
+    assert (realign.attack_s, realign.partner_effect, realign.counterpart) == (3.0, pytest.approx(-0.2), "none")
     h = {(p.attack, p.merge): p for p in s.entry(SUITE, "h").pairs}
     assert h[("none", "ta")].victims == ("v",) and h[("none", "ta")].recovered == pytest.approx(0.25)
     assert ("realign", "ta") not in h  # never run by h anywhere: no row
