@@ -97,7 +97,8 @@ YOUR_RUN = " · your run"
 def merge_exports(shipped: str | os.PathLike, local: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """An export directory holding the shipped entries as published (never re-scored) and, beside them, the
     entries of a user's own export, each renamed ``<defense> · your run`` and unranked: the two rest on
-    experts that may differ (another CPU fine-tunes other weights), so they are shown, never compared."""
+    experts that may differ (another CPU fine-tunes other weights), so they are shown, never compared.
+    The CSV downloads stay the shipped ones (the user's numbers are in their own export)."""
     manifest, entries = load_export(shipped)
     local_manifest, local_entries = load_export(local)
     texts: dict[str, str] = {}

@@ -41,7 +41,7 @@ import math
 import os
 import pickle
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 
@@ -284,12 +284,17 @@ _TEXT_LOADERS = {
 }
 
 
+def load_named(loaders: Mapping[str, Callable[[], TaskData]], name: str, kind: str) -> TaskData:
+    """``loaders[name]()``, or a KeyError naming the ``kind`` of task and the known names."""
+    if name not in loaders:
+        raise KeyError(f"unknown {kind} task {name!r}; known: {', '.join(loaders)}")
+    return loaders[name]()
+
+
 @cache
 def load_text_task(name: str) -> TaskData:
     """A text task's deterministic split (cached per process)."""
-    if name not in _TEXT_LOADERS:
-        raise KeyError(f"unknown text task {name!r}; known: {', '.join(_TEXT_LOADERS)}")
-    return _TEXT_LOADERS[name]()
+    return load_named(_TEXT_LOADERS, name, "text")
 
 
 # ---------------------------------------------------------------- images

@@ -47,7 +47,7 @@ import zipfile
 from functools import cache
 
 from bench.suite import MissingAssetError
-from tasks.data import SplitSpec, TaskData, _clean, _dedupe, _select, balanced_split, package_dir
+from tasks.data import SplitSpec, TaskData, _clean, _dedupe, _select, balanced_split, load_named, package_dir
 
 TEXT_MIX_DATA_VERSION = 1
 """Bump when a loader below changes what a task's split contains: ``text-mix`` records it in its recipe."""
@@ -179,6 +179,4 @@ _LOADERS = {
 @cache
 def load_text_mix_task(name: str) -> TaskData:
     """A ``text-mix`` task's deterministic split (cached per process)."""
-    if name not in _LOADERS:
-        raise KeyError(f"unknown text-mix task {name!r}; known: {', '.join(_LOADERS)}")
-    return _LOADERS[name]()
+    return load_named(_LOADERS, name, "text-mix")
