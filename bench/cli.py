@@ -32,7 +32,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bench.params import ParamError
 from bench.registry import RegistryError, attacks, defenses, families, merges, suites
@@ -202,6 +202,8 @@ def _show_protocol(name: str) -> int:
     print(tabulate([[s["index"] + 1, s["group"], s["attack"], s["merge"], s["evaluate"]] for s in d["steps"]],
                    headers=["step", "group", "attack", "merge", "evaluates"], tablefmt="github"))
     gaps = [name for name, step in coverage(protocol) if not step]
+    for name, why in sorted(protocol.omitted.items()):
+        print(f"omitted on purpose: {name}: {why}")
     print("standard attacks and merge methods no step covers: " + (", ".join(gaps) if gaps else "none"))
     return 0
 
@@ -226,8 +228,9 @@ def _run_protocol(args: argparse.Namespace) -> int:
     names = protocol_defenses(args.defense)
     suite_names = [s.strip() for s in args.suite.split(",") if s.strip()]
     check_store_path(Path(args.store))
+    victims = [v.strip() for v in args.victims.split(",") if v.strip()] if args.victims else None
     if args.dry_run:
-        raise UserError("--dry-run with --protocol: the steps depend on earlier results; see `bench show protocol`")
+        return _protocol_dry_run(args, protocol, names, suite_names, victims)
     store = Store(args.store)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     if args.executor == "ray":
@@ -243,7 +246,6 @@ def _run_protocol(args: argparse.Namespace) -> int:
             return run_local(suite, store, cells, run_id=run_id, jobs=args.jobs)
 
         t0 = time.time()
-        victims = [v.strip() for v in args.victims.split(",") if v.strip()] if args.victims else None
         _walk, reports = run_protocol(protocol, suite, store, names, run_cells, victims=victims)
         exit_code = max(exit_code, 1 if any(r.failed for r in reports) else 0)
         records = store.cells(suite=suite.name)
@@ -255,6 +257,47 @@ def _run_protocol(args: argparse.Namespace) -> int:
         print(f"\nwhere the time went (cells of this suite in the store):\n{profile_table(stage_profile(sc.records, protocol))}")
     store.finish_run(run_id)
     return exit_code
+
+
+def _protocol_dry_run(args: argparse.Namespace, protocol: Any, names: list[str], suite_names: list[str],
+                      victims: list[str] | None) -> int:
+    """What a protocol run will cost before it starts: cells per step group and the estimated wall time, from
+    the timed cells of the store and of the shipped results. Writes nothing."""
+    from tabulate import tabulate
+
+    from bench.protocol import CellTimes, estimate
+    from bench.store import Store
+    from leaderboard import export as lb_export
+
+    stored = Store(args.store, readonly=True).cells() if Path(args.store).exists() else []
+    shipped = lb_export.cells_of_export(lb_export.SHIPPED)[0] if (lb_export.SHIPPED / "manifest.json").is_file() else []
+    times = CellTimes([*stored, *shipped])
+    ids = {r.cell_id for r in stored if r.status == "ok" or r.status == "na"}
+    total = unknown = 0.0
+    for name in suite_names:
+        suite = _make_suite(name, args.cache_dir)
+        rows = estimate(protocol, suite, names, ids, times, victims=victims)
+        groups: dict[str, list[float]] = {}
+        for r in rows:
+            g = groups.setdefault(r.step.group, [0, 0, 0, 0.0, 0])
+            g[0] += 1
+            g[1] += r.cells
+            g[2] += r.stored
+            g[3] += r.seconds
+            g[4] += r.unknown
+        builds = [t for t in suite.tasks if (not victims or t in victims) and not suite.expert_cached(t)]
+        print(f"{suite.name}: protocol {protocol.name} v{protocol.version}, {len(names)} defenses, "
+              f"{len(victims or suite.tasks)} victims; experts to fine-tune first: {len(builds)}")
+        print(tabulate([[g, v[0], v[1], v[2], f"{v[3] / 60 / args.jobs:.1f}", v[4] or ""] for g, v in groups.items()],
+                       headers=["step group", "steps", "cells", "stored", f"min ({args.jobs} jobs)", "no estimate"],
+                       tablefmt="github"))
+        total += sum(v[3] for v in groups.values())
+        unknown += sum(v[4] for v in groups.values())
+    print(f"\nupper bound if no pair breaks (a break skips the later steps of its pair): about "
+          f"{total / 3600 / args.jobs:.1f} h on {args.jobs} worker(s)"
+          + (f", plus {int(unknown)} cells with no timed cell of their kind" if unknown else "")
+          + "; times are the medians of timed cells of the same kind in the store and the shipped results.")
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

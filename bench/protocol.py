@@ -94,6 +94,8 @@ class Protocol:
     """Plugin parameters of every step, as ``--param PLUGIN.KEY=VALUE`` would give them."""
     budget: AttackNeeds
     description: str = ""
+    omitted: Mapping[str, str] = field(default_factory=dict)
+    """Standard attacks and learned merges that no step runs, each with the measured reason (`coverage`)."""
 
     def stamp(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version}
@@ -113,6 +115,7 @@ class Protocol:
                        "finetune_steps": self.budget.finetune_steps, "knows_defense": self.budget.knows_defense},
             "steps": [{"index": i, "attack": s.attack, "merge": s.merge, "group": s.group, "evaluate": s.evaluate}
                       for i, s in enumerate(self.steps)],
+            "omitted": dict(sorted(self.omitted.items())),
         }
 
 
@@ -123,25 +126,46 @@ def _steps(group: str, attacks: Sequence[str], merges: Sequence[str], evaluate: 
 
 STANDARD = Protocol(
     name="standard",
-    version="1",
-    description="every standard attack, tuned merge and AdaMerging, cheapest first; a step runs only on "
+    version="2",
+    description="every standard attack, tuned merge and layer-wise AdaMerging, cheapest first; a step runs only on "
                 "(defense, victim) pairs not yet broken",
     steps=tuple(
         _steps(PLAIN, ["none"], ["wa", "ta", "ties", "dare-ties"], evaluate="all")
-        + _steps("algebraic", ["unmask", "scale-division", "realign", "realign+scale-division", "revert-attention",
+        + _steps("algebraic", ["scale-division", "realign", "realign+scale-division", "revert-attention",
                                "revert-ffn", "revert-to-base", "taylor-invert", "taylor-invert+realign+scale-division",
                                "anchor-align", "anchor-align-indep", "taylor-invert+anchor-align"], ["ta"])
         + _steps("tuned merge", ["none"], ["ta-tuned", "ties-tuned", "dare-ties-tuned"])
         + _steps("fine-tuning", ["merge-finetune", "graderase", "realign+scale-division+merge-finetune",
                                  "anchor-align+merge-finetune", "revert-to-base+merge-finetune"], ["ta"])
-        + _steps("adamerging", ["none"], ["adamerging-task", "adamerging-layer"])
+        + _steps("adamerging", ["none"], ["adamerging-layer"])
     ),
     break_threshold=0.9,
     seeds=(0,),
     partners="rest",
     params={"merge-finetune": {"samples": "256"}, "graderase": {"samples": "256"}},
     budget=AttackNeeds(anchor=True, labelled=256, unlabelled=1024, finetune_steps=1000, knows_defense=True),
+    omitted={
+        "unmask": "under task arithmetic it maps the unprotected expert exactly to θ_pre, so V_U = V_∅ and its gain is "
+                  "0 on every victim: no recovered can be read from it (version 1, both suites)",
+        "adamerging-task": "the layer-wise variant recovered at least as much on all 5 protected pairs where version 1 "
+                           "ran both, at the same order of cost",
+    },
 )
+"""Version 2 (what changed from version 1, and why; the figures are the shipped version-1 cells):
+
+* ``unmask / ta`` is gone. Unmask replaces every weight the defense could have touched by θ_pre's, so under task
+  arithmetic it maps the unprotected expert exactly to θ_pre: V_U under unmask equals V_∅, its gain is 0 on
+  every victim of both suites, and no recovered can ever be read from it. The attack stays registered (the
+  claims ledger checks MergeGuard's sentence about it).
+* ``none / adamerging-task`` is gone; ``adamerging-layer`` stays. On all five protected (defense, victim) pairs
+  where version 1 ran both, the layer-wise variant recovered at least as much (0.56 against 0.45, 0.69 / 0.59,
+  0.65 / 0.63, 0.66 / 0.46, 0.66 / 0.60), as the paper's layer-wise results dominate its task-wise ones; each
+  AdaMerging cell is the most expensive cell of a suite (140–500 s here), so the weaker variant costs the most
+  per unit of attack strength.
+* The honest reference (scoring version 3) removed the U and ∅ cells of every undo attack: the algebraic steps
+  read the ``none / ta`` step's references.
+* Experts are built with portable kernels (`bench.portable`), so every machine builds the same ones.
+"""
 
 PROTOCOLS: dict[str, Protocol] = {STANDARD.name: STANDARD}
 
@@ -393,17 +417,21 @@ def run_protocol(protocol: Protocol, suite: Suite, store: Store, defense_names: 
 
 def coverage(protocol: Protocol) -> list[tuple[str, str]]:
     """Every standard attack (registered attacks and their declared composites) and every merge that learns
-    on the attacker's data (tuned merges, AdaMerging), with the step that covers it ('' for a gap). Plain
+    on the attacker's data (tuned merges, AdaMerging), with the step that covers it, or ``omitted: REASON``
+    where the protocol leaves it out on purpose ('' for a gap). Plain
     merge variants are the honest merger's choices, not attacks: the protocol covers their families (WA,
     TA, TIES, DARE) with one step each, since each plain step costs a reference pair per victim."""
     from bench.plan import standard_attacks
     from bench.registry import merges
 
-    out = [(a, next((s.label for s in protocol.steps if s.attack == a), "")) for a in standard_attacks()]
+    def covered(name: str, steps: list[str]) -> str:
+        return steps[0] if steps else f"omitted: {protocol.omitted[name]}" if name in protocol.omitted else ""
+
+    out = [(a, covered(a, [s.label for s in protocol.steps if s.attack == a])) for a in standard_attacks()]
     for m in merges.names():
         method = merges.get(m)
         if method.needs_data or method.labelled_param:
-            out.append((m, next((s.label for s in protocol.steps if s.merge == m), "")))
+            out.append((m, covered(m, [s.label for s in protocol.steps if s.merge == m])))
     return out
 
 
@@ -500,4 +528,69 @@ def scope(records: Iterable[CellRecord], protocol: Protocol, *, cache_dir: str |
         for (d, v), vw in w.victims.items():
             out.missing[(name, d, v)] = list(vw.missing)
             out.broken_by[(name, d, v)] = w.broken_by(d, v)
+    return out
+
+
+# ---------------------------------------------------------------- what a run will cost
+
+
+@dataclass
+class StepEstimate:
+    """One step's share of a protocol run before it starts, if no pair breaks (an upper bound: a break only
+    removes cells)."""
+
+    index: int
+    step: Step
+    cells: int
+    """Planned cells, N/A ones included (a defense that cannot act on the architecture records why, at no cost)."""
+    stored: int
+    seconds: float
+    """Estimated wall seconds of the cells still to run, on one worker."""
+    unknown: int
+    """Cells to run with no timed cell of their kind to estimate from."""
+
+
+class CellTimes:
+    """Median wall seconds of timed cells, looked up from the most specific match to the least: the same
+    suite, defense, attack, merge and filling; then any defense; then the same on any suite."""
+
+    def __init__(self, records: Iterable[CellRecord]) -> None:
+        samples: dict[tuple, list[float]] = defaultdict(list)
+        for r in records:
+            wall = (r.provenance or {}).get("wall_seconds")
+            if r.status != "ok" or not isinstance(wall, (int, float)):
+                continue
+            for key in self._keys(r.suite, r.kind, r.defense, r.attack, r.merge, r.filling):
+                samples[key].append(float(wall))
+        self._median = {k: sorted(v)[len(v) // 2] for k, v in samples.items()}
+
+    @staticmethod
+    def _keys(suite: str, kind: str, defense: str, attack: str, merge: str, filling: str) -> list[tuple]:
+        return [(suite, kind, defense, attack, merge, filling), (suite, kind, "*", attack, merge, filling),
+                ("*", kind, defense, attack, merge, filling), ("*", kind, "*", attack, merge, filling)]
+
+    def seconds(self, suite: str, cell: Cell) -> float | None:
+        for key in self._keys(suite, cell.kind, cell.defense_label, cell.attack_label, cell.merge_label, cell.filling):
+            if key in self._median:
+                return self._median[key]
+        return None
+
+
+def estimate(protocol: Protocol, suite: Suite, defense_names: Sequence[str], stored: Iterable[str],
+             times: CellTimes, *, victims: Sequence[str] | None = None) -> list[StepEstimate]:
+    """Per step: the cells a run would plan if no pair broke, how many are already in the store (``stored``
+    cell ids), and the estimated seconds of the rest from ``times`` (a cell planned by an earlier step is
+    counted there only)."""
+    done, seen = set(stored), set()
+    names = [d for d in defense_names if d != REFERENCE]
+    out = []
+    for k, step in enumerate(protocol.steps):
+        cells = [c for c in step_cells(protocol, suite, step, names)
+                 if c.cell_id not in seen and (not victims or c.victim in victims)]
+        seen.update(c.cell_id for c in cells)
+        todo = [c for c in cells if c.cell_id not in done and not c.na_reason]
+        secs = [times.seconds(suite.name, c) for c in todo]
+        stored_here = sum(c.cell_id in done for c in cells)
+        out.append(StepEstimate(k, step, len(cells), stored_here, sum(s for s in secs if s is not None),
+                                sum(s is None for s in secs)))
     return out

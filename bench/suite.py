@@ -18,6 +18,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from bench import portable
 from bench.artifact import Artifact
 from bench.batchnorm import batchnorm_layers, recalibrate_batchnorm
 from bench.families.base import ArchitectureMap
@@ -76,6 +77,10 @@ class Suite(ABC):
     """Training inputs that re-estimate BatchNorm statistics (`recalibrate`)."""
     recalibration_batch_size: int = 64
     """Batch size of that pass (per-batch statistics are averaged, so it matters slightly)."""
+    portable_build: bool = False
+    """Fine-tune the experts in a child process with the portable CPU kernels (`bench.portable`), so every
+    machine builds the same bits; the build environment then enters the recipe hash. The embedded suites
+    set it; a suite must be registered for the child to find it."""
 
     def __init__(self, cache_dir: str | os.PathLike | None = None) -> None:
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
@@ -183,7 +188,10 @@ class Suite(ABC):
         return state_hash(self.pretrained())
 
     def recipe_hash(self) -> str:
-        return hash_json({"suite": self.name, "recipe": self.recipe()})[:16]
+        key: dict[str, Any] = {"suite": self.name, "recipe": self.recipe()}
+        if self.portable_build:
+            key["build"] = portable.build_environment()
+        return hash_json(key)[:16]
 
     def expert_dir(self) -> Path:
         return self.cache_dir / "experts" / self.name / self.recipe_hash()
@@ -211,6 +219,9 @@ class Suite(ABC):
                 print(f"cached expert {self.name}/{task} is corrupt ({exc.reason}); recomputing", file=sys.stderr, flush=True)
                 body_path.unlink(missing_ok=True)  # the body first: its presence marks a complete expert
                 head_path.unlink(missing_ok=True)
+        if expert is None and self.portable_build and not portable.in_portable_build():
+            portable.build_expert(self.name, task, self.cache_dir, self.recipe_hash())
+            expert = Expert(load_verified(body_path), load_verified(head_path))
         if expert is None:
             expert = self.finetune(task, self.pretrained(), seed=0)
             assert_finite(expert.body, f"expert {self.name}/{task}")

@@ -1,6 +1,6 @@
 """Does an expert fine-tune to the same bits on another CPU? Builds one expert of an embedded suite twice, in
-fresh processes with empty caches: with the default CPU kernels and with the portable ones pinned
-(`PORTABLE_KERNELS`), and prints each body's content hash, the seconds it took and the CPU it ran on.
+fresh processes with empty caches: with the default CPU kernels and the suite's own portable build
+(`bench.portable`), and prints each body's content hash, the seconds it took and the CPU it ran on.
 
     .venv/bin/python benchmarks/expert_determinism.py [--suite vision-effnet] [--task digits] [--json out.json]
 
@@ -23,8 +23,7 @@ import subprocess
 import sys
 import tempfile
 
-PORTABLE_KERNELS = {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_CBWR": "COMPATIBLE"}
-"""Kernel switches read when the libraries load (so set before the process starts): the lowest common level."""
+from bench.portable import IN_BUILD, PORTABLE_KERNELS
 
 CHILD = """
 import json, sys, time
@@ -41,10 +40,10 @@ print(json.dumps({"recipe": suite.recipe_hash(), "hash": state_hash(expert.body)
 
 def build(suite: str, task: str, threads: int, portable: bool) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "MERGEARENA_QUIET": "1"}
-    for key in PORTABLE_KERNELS:
+    for key in (*PORTABLE_KERNELS, IN_BUILD):
         env.pop(key, None)
-    if portable:
-        env.update(PORTABLE_KERNELS)
+    if not portable:
+        env[IN_BUILD] = "1"  # fine-tune in this child with the default kernels (the suite would start a portable one)
     with tempfile.TemporaryDirectory(prefix="mergearena-expert-") as cache:
         out = subprocess.run([sys.executable, "-c", CHILD, suite, task, cache], env=env, capture_output=True,
                              text=True, check=True)

@@ -78,6 +78,8 @@ class MiniLMTextSuite(Suite):
     so the suites cannot drift apart (``text-minilm``, ``text-mix``).
     """
 
+    portable_build = True
+
     TASKS: tuple[str, ...] = ()
     PACKAGES: tuple[str, ...] = ()
     """Packages whose versions enter the recipe (the model's and the data's)."""

@@ -70,6 +70,7 @@ class VisionEffNet(Suite):
     """EfficientNet-Lite0 on sklearn digits, MNIST-5k and Animal-MNIST (64px, per-task heads, BN recalibration)."""
 
     name = "vision-effnet"
+    portable_build = True
     description = "EfficientNet-Lite0 (ImageNet, 3.4M backbone) on digits, MNIST-5k, Animal-MNIST; a CNN with BatchNorm"
 
     TASKS = ("digits", "mnist5k", "animal-mnist")

@@ -319,6 +319,7 @@ def test_vision_cells_run_end_to_end_through_the_runner(tmp_path):
     from bench.store import Store
 
     suite = VisionEffNet(cache_dir=tmp_path)
+    suite.portable_build = False  # a modified recipe is built here, not by a child from the registered one
     suite.BATCH_SIZE = 8
     suite.STEPS = {t: 3 for t in suite.tasks}
     suite.RECALIBRATION_IMAGES = 64
