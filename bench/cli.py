@@ -13,6 +13,8 @@
     bench run --protocol standard --suite vision-effnet [--defense D]        # the standard protocol
     bench show protocol standard                                          # its ordered steps
     bench leaderboard export|build|serve|import                           # shipped data in leaderboard/data
+    bench leaderboard submit --defense D --out BUNDLE.zip                 # a defense's entries as one checkable file
+    bench leaderboard verify BUNDLE.zip --sample 8                        # re-compute a sample of a bundle's cells
     bench reproduce --suite clip-vit-b32-ta8                              # baselines vs the published table
 
 User mistakes (unknown plugin, bad parameter, missing data package, corrupt checkpoint) print one
@@ -502,7 +504,35 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 1 if any(c.status == "FAIL" for c in checks) else 0
 
 
+def _leaderboard_submission(args: argparse.Namespace) -> int:
+    """`bench leaderboard submit` and `verify` (`leaderboard.submission`)."""
+    from bench.protocol import get_protocol
+    from leaderboard import submission
+
+    if args.action == "submit":
+        if not args.defense:
+            raise UserError("submit bundles one defense's results: pass --defense NAME")
+        protocol = None if args.protocol == "none" else get_protocol(args.protocol)
+        chosen = [s.strip() for s in args.suite.split(",") if s.strip()] if args.suite else None
+        out = submission.submit(args.store or default_store(), args.defense, args.out or f"{args.defense}-submission.zip",
+                                suites=chosen, protocol=protocol)
+        print(f"bundle written: {out} (check it with `bench leaderboard verify {out} --sample 8`)")
+        return 0
+    if args.bundle is None:
+        raise UserError("verify checks a bundle: bench leaderboard verify BUNDLE.zip --sample K")
+    report = submission.verify(args.bundle, args.sample, seed=args.seed, cache_dir=args.cache_dir)
+    if report.ok:
+        print(f"verify: all {len(report.checks)} sampled cells match")
+        return 0
+    print(f"verify: {len(report.mismatched)} of {len(report.checks)} sampled cells differ: {', '.join(report.mismatched)}")
+    return 1
+
+
 def cmd_leaderboard(args: argparse.Namespace) -> int:
+    if args.action in ("submit", "verify"):
+        return _leaderboard_submission(args)
+    if args.bundle is not None:
+        raise UserError(f"bench leaderboard {args.action} takes no positional argument (only verify takes a bundle)")
     from bench.protocol import get_protocol
     from bench.store import Store
     from leaderboard import export as lb_export
@@ -525,11 +555,14 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
         if store_path is None:
             raise UserError("import writes the shipped cells into a store: pass --store")
         records, runs = lb_export.cells_of_export(args.source or lb_export.SHIPPED)
+        if args.references_only:
+            records = [r for r in records if r.kind == "baseline" or (r.kind == "merge" and r.filling != "protected")]
+            runs = {k: v for k, v in runs.items() if any(r.run_id == k for r in records)}
         with Store(store_path) as store:
             for run_id, env in sorted(runs.items()):
                 store.import_run(run_id, env)
             added = sum(store.put_cell(r) for r in records)
-        print(f"imported {added} of {len(records)} published cells into {store_path} "
+        print(f"imported {added} of {len(records)} published {'reference ' if args.references_only else ''}cells into {store_path} "
               f"(a protocol run on this store now skips them)")
     elif args.action == "export":
         out = Path(args.out) if args.out else lb_export.SHIPPED
@@ -690,18 +723,39 @@ def build_parser() -> argparse.ArgumentParser:
                                     "into the repository's leaderboard/data). build: render the site from the "
                                     "shipped data (no --store), from a store (--store), or from both (--store S "
                                     "--with-shipped). serve: serve a built site. import: copy the published cells "
-                                    "into a store, so a protocol run continues from them.")
-    lb.add_argument("action", choices=["export", "build", "serve", "import"])
+                                    "into a store, so a protocol run continues from them. submit: write one zip "
+                                    "bundle of a defense's results (its entry per suite with every cell and "
+                                    "per-example outcome, the plugin's version and source hash, the environment) "
+                                    "to send to the maintainers. verify: check a bundle's file hashes and that the "
+                                    "installed plugin is the same code, then re-compute --sample K of its cells "
+                                    "(seeded) on the local experts and compare their per-example outcomes; exit 0 "
+                                    "when all match, 1 on a mismatch (the cells are named), 2 on an error.")
+    lb.add_argument("action", choices=["export", "build", "serve", "import", "submit", "verify"])
+    lb.add_argument("bundle", nargs="?", default=None, help="verify: the bundle (zip) to check")
+    lb.add_argument("--defense", default=None, help="submit: the defense whose results go in the bundle")
+    lb.add_argument("--suite", default=None, help="submit: suite(s), comma list (default every suite the store "
+                                                  "holds cells of the defense on)")
+    lb.add_argument("--sample", type=int, default=8, help="verify: cells to re-compute, drawn at random (the "
+                                                          "defense's own protected merge and utility cells first)")
+    lb.add_argument("--seed", type=int, default=0, help="verify: seed of the random draw of cells")
+    lb.add_argument("--cache-dir", default=None, help="verify: cache of experts and artifacts (default "
+                                                      "$MERGEARENA_CACHE or ~/.cache/mergearena)")
     lb.add_argument("--from", dest="source", default=None,
                     help="import: the export directory whose cells go into --store (default the shipped data)")
-    lb.add_argument("--out", default=None, help="output directory (export: leaderboard/data; build and serve: site)")
+    lb.add_argument("--out", default=None, help="output directory (export: leaderboard/data; build and serve: site); "
+                                                "submit: the bundle file (default DEFENSE-submission.zip)")
     lb.add_argument("--port", type=int, default=8000)
     lb.add_argument("--store", default=None, help=f"results database (export: default ${STORE_ENV} or "
-                                                   "./mergearena-results.sqlite; build: none, the shipped data)")
+                                                   "./mergearena-results.sqlite; build: none, the shipped data; submit: as export)")
     lb.add_argument("--with-shipped", action="store_true",
                     help="build: show the shipped entries as published and your store's beside them (' · your run', "
                          "unranked; never re-scored together). export: add the shipped cells to the store's (refused "
                          "when they were built from other experts)")
+    lb.add_argument("--references-only", action="store_true",
+                    help="import: only the cells every defense shares (baselines, and the unprotected and θ_pre "
+                         "references); a run of a new defense on that store then computes its own cells only. The "
+                         "experts are built bit-identically on every CPU (bench.portable), and scoring refuses to pair "
+                         "cells of different experts, so a mismatch is caught, never mixed")
     lb.add_argument("--protocol", default="standard", help="score under this protocol ('none': every stored cell, "
                                                           "against every registered attack)")
     lb.set_defaults(func=cmd_leaderboard)

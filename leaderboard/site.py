@@ -144,9 +144,17 @@ def scatter(rows: list[dict[str, Any]], floor: float) -> dict[str, Any] | None:
     step = _nice_step(x1 - x0)
     xticks = [round(x0 + k * step, 4) for k in range(int(round((x1 - x0) / step)) + 1)]
     front = pareto_front([(r["utility"], r["security"]) for r in pts])
+    def clip_x(u: float) -> float:
+        return px(min(max(u, x0), x1))
+
     points = [{"x": px(r["utility"]), "y": py(r["security"]), "label": r["defense"], "href": r["defense_href"],
                "utility": r["utility"], "security": r["security"], "ranked": r["rank"] is not None,
-               "pareto": i in front} for i, r in enumerate(pts)]
+               "pareto": i in front,
+               # both intervals as whiskers (clipped to the axes): utility across, security up and down
+               "xerr": [clip_x(v) for v in r["utility_ci"]] if r.get("utility_ci") else None,
+               "yerr": [py(v) for v in r["security_ci"]] if r.get("security_ci") else None,
+               "utility_ci": r.get("utility_ci"), "security_ci": r.get("security_ci")}
+              for i, r in enumerate(pts)]
     _place_labels(points)
     return {
         "width": w, "height": h, "plot": {"x": left, "y": top, "w": w - left - right, "h": h - top - bottom},

@@ -423,8 +423,14 @@ def test_console_capture_sees_page_errors(tmp_path: Path):
 def test_browser_renders_the_ranked_table_without_console_errors(site: Path, tmp_path: Path):
     dom, console = chromium(tmp_path, (site / "index.html").as_uri(), "--dump-dom")
     assert console == []
-    assert table_rows(dom) == expected_rows()
+    # the first screen is one suite: the first suite's rows only (not the cross-suite summary)
+    first = next(s for s, _ in expected_rows() if s != "overall")
+    assert table_rows(dom) == [r for r in expected_rows() if r[0] == first]
+    dom, console = chromium(tmp_path, (site / "index.html").as_uri() + "#suite=all", "--dump-dom")
+    assert console == [] and table_rows(dom) == expected_rows()
     assert 'class="pareto-front"' in dom and dom.count('class="scatter"') == 3
+    # both intervals of every plotted point are drawn as whiskers
+    assert dom.count('class="whisker utility-ci"') > 0 and dom.count('class="whisker security-ci"') > 0
     assert dom.count('class="rank-stability"') == 3
 
 
@@ -451,7 +457,7 @@ def test_clicking_a_header_sorts_the_table(site: Path, tmp_path: Path):
     page = site / "index-click.html"
     page.write_text(html)
     try:
-        dom, console = chromium(tmp_path, page.as_uri(), "--virtual-time-budget=3000", "--dump-dom")
+        dom, console = chromium(tmp_path, page.as_uri() + "#suite=all", "--virtual-time-budget=3000", "--dump-dom")
     finally:
         page.unlink()
     assert console == []

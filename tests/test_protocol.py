@@ -192,7 +192,8 @@ def test_cli_show_and_refusals(capsys) -> None:
 
     assert main(["show", "protocol", "standard"]) == 0
     text = capsys.readouterr().out
-    assert "version 1" in text and "adamerging-layer" in text and "no step covers: none" in text
+    assert "version 2" in text and "adamerging-layer" in text and "no step covers: none" in text
+    assert "omitted on purpose: unmask:" in text
     assert main(["run", "--protocol", "standard", "--merge", "ta"]) == 2
     assert "the protocol fixes" in capsys.readouterr().err
     assert main(["run", "--protocol", "nope"]) == 2
@@ -216,6 +217,31 @@ def test_published_cells_import_into_a_store_and_a_protocol_run_continues_from_t
     a = json.loads((tmp_path / "data" / "manifest.json").read_text())
     b = json.loads((tmp_path / "data2" / "manifest.json").read_text())
     assert [e["summary"] for e in a["entries"]] == [e["summary"] for e in b["entries"]]
+
+
+def test_a_new_defense_reuses_the_published_references_and_computes_only_its_own_cells(toy_suite, tmp_path) -> None:
+    from bench.cli import main
+    from leaderboard import export as lb_export
+
+    protocol = mini()
+    with Store(tmp_path / "a.sqlite") as store:
+        _run(protocol, toy_suite, store, ["toy-scale"])
+        published = store.cells()
+    lb_export.export(tmp_path / "a.sqlite", tmp_path / "data", protocol=protocol)
+    assert main(["leaderboard", "import", "--references-only", "--from", str(tmp_path / "data"),
+                 "--store", str(tmp_path / "b.sqlite")]) == 0
+    with Store(tmp_path / "b.sqlite") as store:
+        imported = {r.cell_id for r in store.cells()}
+        assert imported == {r.cell_id for r in published if r.kind == "baseline" or r.filling != "protected"}
+        _, reports, _ = _run(protocol, toy_suite, store, ["toy-scale"])
+        ran = [r for r in store.cells() if r.cell_id not in imported]
+    # the run computed the defense's own cells only: every one is its utility or a protected merge
+    assert ran and all(r.defense == "toy-scale" and (r.kind == "utility" or r.filling == "protected") for r in ran)
+    assert sum(r.ran for r in reports) == len(ran)
+    lb_export.export(tmp_path / "b.sqlite", tmp_path / "data2", protocol=protocol)
+    a = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    b = json.loads((tmp_path / "data2" / "manifest.json").read_text())
+    assert [e["summary"]["security"] for e in a["entries"]] == [e["summary"]["security"] for e in b["entries"]]
 
 
 def test_a_defense_that_cannot_act_on_the_architecture_stops_after_the_first_step(toy_suite, tmp_path,
@@ -259,3 +285,54 @@ def test_a_defense_that_cannot_act_on_the_architecture_stops_after_the_first_ste
     manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
     assert "conv-only" not in {e["defense"] for e in manifest["entries"]}
     assert any(n["defense"] == "conv-only" and "convolution" in n["reason"] for n in manifest["not_applicable"])
+
+
+def test_the_dry_run_estimate_reads_the_medians_of_timed_cells_of_the_same_kind(toy_suite, tmp_path) -> None:
+    from dataclasses import replace as dc_replace
+
+    from bench.protocol import CellTimes, estimate
+
+    protocol = mini()
+    with Store(tmp_path / "a.sqlite") as store:
+        _run(protocol, toy_suite, store, ["toy-scale"])
+        records = store.cells()
+    # give every stored cell a known wall time: 1 s for the first of each kind, 2 s for the second, ... so the
+    # median of a kind with n cells is n // 2 + 1 seconds (the upper median), computed here by hand
+    kinds: dict[tuple, int] = {}
+    timed = []
+    for r in records:
+        key = (r.kind, r.defense, r.attack, r.merge, r.filling)
+        kinds[key] = kinds.get(key, 0) + 1
+        timed.append(dc_replace(r, provenance={**r.provenance, "wall_seconds": float(kinds[key])}))
+    times = CellTimes(timed)
+    rows = estimate(protocol, toy_suite, ["toy-scale"], [], times)
+    planned = [c for s in protocol.steps for c in step_cells(protocol, toy_suite, s, ["toy-scale"])]
+    unique = {c.cell_id: c for c in planned}
+    assert sum(r.cells for r in rows) == len(unique)  # a cell two steps plan is counted once
+    todo = [c for c in unique.values() if not c.na_reason]
+    key = {c.cell_id: (c.kind, c.defense_label, c.attack_label, c.merge_label, c.filling) for c in todo}
+    # the break stopped some cells; no other defense ran, so those have no timed cell of their kind at all
+    never = [c for c in todo if not any(k[0] == c.kind and k[2:] == key[c.cell_id][2:] for k in kinds)]
+    want = sum(kinds[key[c.cell_id]] // 2 + 1 for c in todo if key[c.cell_id] in kinds)
+    assert never and len(never) + sum(key[c.cell_id] in kinds for c in todo) == len(todo)
+    assert sum(r.seconds for r in rows) == pytest.approx(want)
+    assert sum(r.unknown for r in rows) == len(never)
+    # everything stored: nothing left to run
+    done = estimate(protocol, toy_suite, ["toy-scale"], list(unique), times)
+    assert sum(r.seconds for r in done) == 0 and sum(r.stored for r in done) == len(unique)
+    # a kind never timed on this suite falls back to the same kind on another suite, else counts as unknown
+    other = CellTimes([dc_replace(r, suite="elsewhere") for r in timed])
+    assert sum(r.seconds for r in estimate(protocol, toy_suite, ["toy-scale"], [], other)) == pytest.approx(want)
+    nothing = estimate(protocol, toy_suite, ["toy-scale"], [], CellTimes([]))
+    assert sum(r.unknown for r in nothing) == len(todo)
+
+
+def test_cli_protocol_dry_run_prints_the_estimate_and_writes_nothing(plugin_site, tmp_path, capsys) -> None:
+    from bench.cli import main
+
+    store = tmp_path / "none.sqlite"
+    assert main(["run", "--protocol", "standard", "--suite", "toy", "--defense", "toy-scale", "--dry-run",
+                 "--store", str(store)]) == 0
+    out = capsys.readouterr().out
+    assert "toy: protocol standard v2, 1 defenses, 3 victims" in out and "upper bound if no pair breaks" in out
+    assert "adamerging" in out and not store.exists()

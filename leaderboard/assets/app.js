@@ -75,16 +75,27 @@
     for (var i = 0; i < nodes.length; i++) {
       var node = nodes[i];
       if (node.tagName === "SELECT") { continue; }
-      node.hidden = Boolean(suite) && node.getAttribute("data-suite") !== suite;
+      node.hidden = Boolean(suite) && suite !== "all" && node.getAttribute("data-suite") !== suite;
     }
     var select = document.getElementById("suite-filter");
-    if (select) { select.value = suite || ""; }
+    if (select) { select.value = suite || "all"; }
+  }
+
+  function firstSuite() {
+    /* one suite at a time: with no suite in the address, the first suite of the list (not the cross-suite summary) */
+    var select = document.getElementById("suite-filter");
+    if (!select) { return ""; }
+    for (var i = 0; i < select.options.length; i++) {
+      var v = select.options[i].value;
+      if (v !== "all" && v !== "overall") { return v; }
+    }
+    return "";
   }
 
   function apply() {
     var state = readHash();
     var table = document.getElementById("leaderboard");
-    filterSuite(state.suite || "");
+    filterSuite(state.suite === undefined ? firstSuite() : state.suite);
     if (table) { sortTable(table, state.sort || "", state.dir === "asc" ? "asc" : "desc"); }
   }
 
