@@ -6,6 +6,7 @@ Layout of an export directory::
     entries/<suite>/<defense>.json   scores per victim and per (attack, merge), and every cell they rest on
     leaderboard.csv                  one row per (suite, defense) and per defense overall
     recovered.csv                    one row per (suite, defense, victim, attack, merge)
+    claims.json                      the claims ledger: each paper claim checked against these numbers (`leaderboard.claims`)
 
 Both JSON kinds are validated against the schemas in ``leaderboard/schema/`` before they are written.
 Nothing depends on the wall clock: dates come from the stored cells, keys are sorted and floats
@@ -33,6 +34,7 @@ from bench import scoring
 from bench.protocol import Protocol, Scope
 from bench.scoring import DefenseScore, PairScore, Scores, VictimScore
 from bench.store import CellRecord, Metric, Store
+from leaderboard.claims import CLAIMS_FILE, claims_document
 
 SCHEMA_VERSION = 3
 """2: counterfactual scores: pairs carry V_P, V_U, V_∅, gain and intervals; victims their held-out worst case.
@@ -532,12 +534,16 @@ def export(store: Any, out_dir: str | os.PathLike, *, attacks: Sequence[str] | N
                                         *(x for x in scope.not_applicable if (x[0], x[1]) not in listed)])
     by_id = {c.cell_id: c for c in records}
     texts: dict[str, str] = {}
+    docs: list[dict[str, Any]] = []
     for ds in scores.suites:
         doc = entry_document(scores, ds, by_id, runs, protocol, scope)
         validate(doc, "entry")
+        docs.append(doc)
         texts[entry_path(ds.suite, ds.defense)] = dumps(doc)
     texts["leaderboard.csv"] = leaderboard_csv(scores)
     texts["recovered.csv"] = recovered_csv(scores)
+    texts[CLAIMS_FILE] = dumps(claims_document(docs, [{"suite": s, "defense": d, "reason": r}
+                                                      for s, d, r in scores.not_applicable]))
     files = [{"path": p, "sha256": hashlib.sha256(t.encode()).hexdigest(), "bytes": len(t.encode())}
              for p, t in sorted(texts.items())]
     manifest = manifest_document(scores, records, files, protocol, scope)

@@ -4,7 +4,8 @@ Pages: ``index.html`` (ranked table, sortable and filterable by suite; utility-v
 scatter with the Pareto front; rank stability under resampling), ``defense/<name>.html`` (heatmap
 of recovered fraction per attack x merge, utility per task, the attack that breaks it, the exact
 parameters that ran), ``attack/<name>.html`` (the defenses it breaks and at what cost),
-``methods.html`` (every registered defense, attack and merge method, read from the registries) and
+``methods.html`` (every registered defense, attack and merge method, read from the registries),
+``claims.html`` (every paper claim with our measurement per suite and its verdict, `leaderboard.claims`) and
 ``downloads.html`` (the exported JSON and CSV, copied under ``data/``).
 
 Everything is local: one stylesheet and one small script under ``assets/``, figures as inline SVG,
@@ -28,6 +29,7 @@ from typing import Any
 import jinja2
 
 from bench.scoring import REFERENCE
+from leaderboard.claims import CLAIMS_FILE, build_claims
 from leaderboard.export import ExportError, entry_path, export, load_export, slug
 
 HERE = Path(__file__).resolve().parent
@@ -374,6 +376,12 @@ def methods_view() -> list[dict[str, Any]]:
     return sections
 
 
+def claims_view(data: Path) -> dict[str, Any]:
+    """The claims ledger of the export in ``data``: its ``claims.json`` when the export wrote one, else computed."""
+    path = data / CLAIMS_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else build_claims(data)
+
+
 # ---------------------------------------------------------------- building
 
 
@@ -432,6 +440,7 @@ def build_site(store_or_export_dir: Any, out_dir: str | os.PathLike) -> Path:
         "methods.html": ("methods.html", {**common, "sections": methods_view(), "scoring": scoring_definition(),
                                           "root": "", "page": "methods"}),
         "downloads.html": ("downloads.html", {**common, "root": "", "page": "downloads"}),
+        "claims.html": ("claims.html", {**common, "claims": claims_view(data), "root": "", "page": "claims"}),
     }
     for defense in sorted({e["defense"] for e in entries}):
         pages[_href("defense", defense)] = ("defense.html", {**common, "view": defense_view(defense, entries, threshold),

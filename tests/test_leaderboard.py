@@ -119,7 +119,7 @@ def test_export_writes_one_schema_valid_entry_per_suite_and_defense(store_path: 
     paths = export(store_path, tmp_path, attacks=STANDARD, n_bootstrap=50)
     rel = sorted(p.relative_to(tmp_path).as_posix() for p in paths)
     expected_entries = sorted(entry_path(s, d) for s in ("alpha", "beta") for d in [*DEFENSES, "none"])
-    assert rel == sorted([*expected_entries, "manifest.json", "leaderboard.csv", "recovered.csv"])
+    assert rel == sorted([*expected_entries, "manifest.json", "leaderboard.csv", "recovered.csv", "claims.json"])
     manifest, entries = load_export(tmp_path)  # validates every document against its schema
     assert len(entries) == 10
     for name in ("utility", "security", "recovered", "attack_s"):
