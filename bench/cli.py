@@ -12,6 +12,7 @@
     bench validate --defense NAME                                         # a plugin on tiny models of every family
     bench run --protocol standard --suite vision-effnet [--defense D]        # the standard protocol
     bench show protocol standard                                          # its ordered steps
+    bench frontier --defense params --suite vision-effnet [--dry-run]     # utility vs security per declared setting
     bench leaderboard export|build|serve|import                           # shipped data in leaderboard/data
     bench leaderboard submit --defense D --out BUNDLE.zip                 # a defense's entries as one checkable file
     bench leaderboard verify BUNDLE.zip --sample 8                        # re-compute a sample of a bundle's cells
@@ -163,6 +164,8 @@ def cmd_show(args: argparse.Namespace) -> int:
                 print(f"code: {d['code']}")
             for p in d.get("params", []):
                 print(f"  --param {args.name}.{p['name']}=<{p['type']}>   default {p['default']}")
+            for knob, values in (d.get("frontier") or {}).items():
+                print(f"  frontier {knob}: {', '.join(values)}   (`bench frontier --defense {args.name}`)")
             if kind == "attack":
                 print(_counterpart_line(args.name))
     if not found:
@@ -590,6 +593,13 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_frontier(args: argparse.Namespace) -> int:
+    """`bench frontier`: the protocol on each declared strength setting of a defense (`bench.frontier`)."""
+    from bench.frontier import main as frontier_main
+
+    return frontier_main(args)
+
+
 def cmd_reproduce(args: argparse.Namespace) -> int:
     from bench.reproduce import format_gate, reproduce
 
@@ -759,6 +769,22 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--protocol", default="standard", help="score under this protocol ('none': every stored cell, "
                                                           "against every registered attack)")
     lb.set_defaults(func=cmd_leaderboard)
+
+    fr = sub.add_parser("frontier", help="run a defense's declared strength settings through the protocol: utility "
+                                         "against security per setting (variants NAME[key=value])",
+                        description="Each value of each knob the defense declares (`Defense.frontier`; one knob at a "
+                                    "time, the others at their defaults) runs the protocol as a variant labelled "
+                                    "NAME[key=value]; the references every variant shares run once, and stored cells "
+                                    "are skipped. `bench leaderboard export` then lists the frontier in the manifest "
+                                    "and the site draws it (frontiers.html).")
+    fr.add_argument("--defense", required=True, help="a defense that declares a frontier (`bench show defense NAME`)")
+    fr.add_argument("--suite", default=DEFAULT_SUITE, help="one suite (default text-minilm)")
+    fr.add_argument("--victims", default=None, help="restrict victim tasks (comma list; default every task)")
+    fr.add_argument("--jobs", type=int, default=1, help="worker processes (local executor)")
+    fr.add_argument("--protocol", default="standard", metavar="NAME", help="the protocol each variant runs (default standard)")
+    fr.add_argument("--dry-run", action="store_true", help="print the variants and the cost estimate and exit")
+    common(fr)
+    fr.set_defaults(func=cmd_frontier)
 
     rp = sub.add_parser("reproduce", help="check a suite's no-defense baselines against its lineage's published table")
     rp.add_argument("--suite", required=True)

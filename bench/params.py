@@ -133,6 +133,21 @@ def params_dict(params: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(params).items()}
 
 
+def param_text(value: Any) -> str:
+    """``value`` as a ``--param`` string that `parse_params` reads back to it: ``4`` for 4.0, ``0.558``, ``true``,
+    ``none``, ``a,b`` for a sequence (the canonical text of a variant label, `bench.plugins.Defense.label`)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if value is None:
+        return "none"
+    if isinstance(value, float):
+        short = f"{value:g}"
+        return short if float(short) == value else repr(value)
+    if isinstance(value, (list, tuple)):
+        return ",".join(param_text(v) for v in value)
+    return str(value)
+
+
 def describe_params(cls: type) -> list[dict[str, str]]:
     """Name, type and default of each field, for `bench list` and the methods page."""
     hints = typing.get_type_hints(cls, include_extras=True)

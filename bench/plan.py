@@ -19,6 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import json
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
@@ -89,11 +90,12 @@ class Cell:
 
     @property
     def defense_label(self) -> str:
-        """The store's defense column: the defense; 'none' for the unprotected filling (it is what defense
+        """The store's defense column: the defense's variant label (`Defense.label`: its name at the default
+        params, ``NAME[key=value,...]`` otherwise); 'none' for the unprotected filling (it is what defense
         ``none`` releases); 'counterfactual' for θ_pre in the victim's slot; '-' for a baseline."""
         if self.kind == "merge" and self.filling != "protected":
             return "none" if self.filling == "unprotected" else "counterfactual"
-        return self.defense.name if self.defense else "-"
+        return self.defense.label if self.defense else "-"
 
     @property
     def attack_label(self) -> str:
@@ -226,9 +228,50 @@ class Plan:
 # ---------------------------------------------------------------- selecting plugins
 
 
+_LABEL = re.compile(r"\s*([^\[\],=\s]+)\s*(?:\[(.*)\])?\s*", re.DOTALL)
+_ITEM_SPLIT = re.compile(r",(?=\s*[A-Za-z_][A-Za-z0-9_]*\s*=)")
+
+
+def split_names(text: str) -> list[str]:
+    """A comma list of plugin names, where a defense may be a variant: ``none,params[low=0.1,high=5]`` ->
+    ``["none", "params[low=0.1,high=5]"]`` (commas inside brackets do not split)."""
+    parts, depth, start = [], 0, 0
+    for i, ch in enumerate(text):
+        if ch == "[":
+            depth += 1
+        elif ch == "]":
+            depth = max(0, depth - 1)
+        elif ch == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    parts.append(text[start:])  # an unclosed bracket keeps the rest together (and fails as a label)
+    return [p.strip() for p in parts if p.strip()]
+
+
+def parse_variant(label: str) -> tuple[str, dict[str, str]]:
+    """``"params[high=5,low=0.1]"`` -> ``("params", {"high": "5", "low": "0.1"})``; a plain name -> (name, {}).
+    Raises `ParamError` for text that is neither ``NAME`` nor ``NAME[key=value,...]``."""
+    m = _LABEL.fullmatch(label)
+    if m is None:
+        raise ParamError(f"defense {label!r}: expected NAME or NAME[key=value,...], e.g. params[high=5]")
+    name, inner = m.group(1), m.group(2)
+    if inner is None:
+        return name, {}
+    overrides: dict[str, str] = {}
+    for item in _ITEM_SPLIT.split(inner):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key.isidentifier():
+            raise ParamError(f"defense {label!r}: {item.strip()!r} is not key=value (e.g. {name}[key=value])")
+        if key in overrides:
+            raise ParamError(f"defense {label!r} sets {key} twice")
+        overrides[key] = value.strip()
+    return name, overrides
+
+
 def _select(names: str | Sequence[str], available: Sequence[str], kind: str) -> list[str]:
     if isinstance(names, str):
-        names = [n.strip() for n in names.split(",") if n.strip()]
+        names = split_names(names)
     if not names:
         raise ValueError(f"no {kind} selected")
     if list(names) == ["all"]:
@@ -241,7 +284,14 @@ def _overrides(params: Mapping[str, Mapping[str, str]], name: str) -> dict[str, 
 
 
 def make_defense(name: str, overrides: Mapping[str, str] | None = None) -> Defense:
-    return defenses.get(name).from_overrides(overrides)
+    """The defense ``name`` names, a plain name or a variant label ``NAME[key=value,...]`` (`parse_variant`),
+    with ``overrides`` on top; parameters are validated against its ``Params`` (`ParamError` naming the label)."""
+    base, given = parse_variant(name)
+    cls = defenses.get(base)
+    try:
+        return cls.from_overrides({**given, **(overrides or {})})
+    except ParamError as exc:
+        raise ParamError(f"defense {name}: {exc}") from exc
 
 
 def make_attacks(name: str, params: Mapping[str, Mapping[str, str]] | None = None) -> list[Attack]:
@@ -359,7 +409,9 @@ def build_plan(suite: Suite, *, defense: str | Sequence[str] = "none", attack: s
         defense_names = ["none", *defense_names]
     if "none" not in attack_names:
         attack_names = ["none", *attack_names]
-    defense_objs = [make_defense(n, _overrides(params, n)) for n in defense_names]
+    # one object per variant label (a variant named twice, or its default spelled out, runs once)
+    defense_objs = list({d.label: d for d in (make_defense(n, _overrides(params, parse_variant(n)[0]))
+                                              for n in defense_names)}.values())
     attack_objs = [a for n in attack_names for a in make_attacks(n, params)]
     merge_objs = [make_merge(n, _overrides(params, n)) for n in merge_names]
     tasks = list(victims) if victims else list(suite.tasks)
@@ -411,4 +463,4 @@ def parse_param_args(items: Sequence[str]) -> dict[str, dict[str, str]]:
 
 __all__ = ["FILLINGS", "Cell", "Filling", "MergeChoice", "Plan", "attack_from_spec", "build_plan", "counterpart_attack_spec", "counterpart_spec",
            "reference_ids", "spec_id", "make_attacks", "make_defense", "make_merge",
-           "parse_param_args", "params_dict", "standard_attacks"]
+           "parse_param_args", "parse_variant", "params_dict", "split_names", "standard_attacks"]

@@ -6,13 +6,13 @@ a default and a docstring, as ART declares ``_estimator_requirements``: a plugin
 applies to it, and nothing is discovered by ``getattr`` or by catching an exception.
 
 * `Defense`: ``applies_to`` (architecture-map features), ``needs_data``, ``function_preserving``,
-  ``changes_structure``.
+  ``changes_structure``, ``frontier`` (strength knobs for `bench frontier`; each setting is labelled by `label`).
 * `Attack`: ``needs()`` (the threat model's budget), ``requires_features``, ``restores_structure``,
   ``sweep``, ``standard_composites``, ``has_finish()``.
 
 Collection-valued declarations are frozen when the class is defined (a subclass may write a set,
-list or dict), so no caller can change what every instance of a plugin declares; a sweep over a
-parameter the plugin does not have fails at import.
+list or dict), so no caller can change what every instance of a plugin declares; a sweep or a frontier over
+a parameter the plugin does not have fails at import.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch
 from bench.artifact import Artifact
 from bench.families.base import ArchitectureMap
 from bench.families.family import Family
-from bench.params import NoParams, describe_params, params_dict, parse_params
+from bench.params import NoParams, describe_params, param_text, params_dict, parse_params
 from bench.suite import Expert, Suite
 from bench.weights import StateDict
 
@@ -112,10 +112,33 @@ class Defense(Plugin):
     """Claims the artifact computes exactly what the expert computes (checked on probe inputs)."""
     changes_structure: ClassVar[bool] = False
     """Releases a structure the standard module cannot run (a variant)."""
+    frontier: ClassVar[Mapping[str, tuple[str, ...]]] = MappingProxyType({})
+    """Strength knobs: parameter -> 3 to 6 values as ``--param`` strings, weak to strong, the default among them.
+    `bench frontier` runs each value as a variant (one knob at a time, the others at their defaults) and the
+    site draws utility against security through them. Keys must be fields of ``Params``; empty: no knob."""
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        _freeze(cls, {"applies_to": frozenset})
+        _freeze(cls, {"applies_to": frozenset,
+                      "frontier": lambda f: MappingProxyType({k: tuple(str(v) for v in vs) for k, vs in f.items()})})
+        unknown = sorted(set(cls.frontier) - {f.name for f in dataclasses.fields(cls.Params)})
+        if unknown:
+            raise TypeError(f"defense {cls.__name__} declares a frontier over {', '.join(unknown)}, which its Params "
+                            f"({cls.Params.__name__}) does not have")
+
+    @classmethod
+    def describe(cls) -> dict[str, Any]:
+        return {**super().describe(), "frontier": {k: list(v) for k, v in cls.frontier.items()}}
+
+    @property
+    def label(self) -> str:
+        """The variant label, the store's defense column: the name when the params are the defaults, else
+        ``NAME[key=value,...]`` with the non-default keys, sorted (`bench.plan.parse_variant` reads it back)."""
+        given, default = params_dict(self.params), params_dict(self.Params())
+        changed = sorted(k for k in given if given[k] != default.get(k))
+        if not changed:
+            return self.name
+        return f"{self.name}[{','.join(f'{k}={param_text(given[k])}' for k in changed)}]"
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
         raise NotImplementedError(f"{type(self).__name__} must implement protect()")

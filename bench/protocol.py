@@ -52,6 +52,7 @@ from bench.plan import (
     make_attacks,
     make_defense,
     reference_ids,
+    split_names,
 )
 from bench.plugins import AttackNeeds
 from bench.registry import defenses
@@ -184,13 +185,14 @@ def get_protocol(name: str) -> Protocol:
 
 
 def protocol_defenses(selected: str | Sequence[str] | None = None) -> list[str]:
-    """The defenses a protocol run covers: every registered one (third-party plugins too) unless selected."""
+    """The defenses a protocol run covers: every registered one (third-party plugins too) unless selected. A
+    selected name may be a variant ``NAME[key=value,...]``; each comes back as its canonical label
+    (`bench.plugins.Defense.label`: the plain name at the default params), once."""
     if selected is None or selected == "all" or list(selected) == ["all"]:
         return list(defenses.names())
-    names = [n.strip() for n in selected.split(",")] if isinstance(selected, str) else list(selected)
-    for n in names:
-        defenses.get(n)  # unknown names fail here, with a did-you-mean
-    return names
+    names = split_names(selected) if isinstance(selected, str) else list(selected)
+    # unknown names fail here, with a did-you-mean; bad parameters with the label and the reason
+    return list(dict.fromkeys(make_defense(n).label for n in names))
 
 
 def step_cells(protocol: Protocol, suite: Suite, step: Step, defense_names: Sequence[str],
@@ -286,7 +288,8 @@ class Walker:
 
     def __init__(self, protocol: Protocol, suite: Suite, defense_names: Sequence[str]) -> None:
         self.protocol, self.suite = protocol, suite
-        self.names = [d for d in defense_names if d != REFERENCE]
+        # keyed by variant label, as the store's defense column and the scores are
+        self.names = list(dict.fromkeys(make_defense(d).label for d in defense_names if d != REFERENCE))
         self.state = {(d, v): VictimWalk(d, v) for d in self.names for v in suite.tasks}
         self.seen: set[str] = set()
         self.steps_done = 0
@@ -306,7 +309,7 @@ class Walker:
     def _owner(self, cell: Cell) -> VictimWalk | None:
         if cell.kind != "merge" or cell.defense is None:
             return None
-        return self.state.get((cell.defense.name, cell.victim))
+        return self.state.get((cell.defense.label, cell.victim))
 
     def advance(self, cells: Sequence[Cell], by_id: Mapping[str, CellRecord]) -> list[tuple[str, str]]:
         """Account for the next step's ``cells`` against the stored ``by_id``; returns the pairs it broke."""
@@ -316,8 +319,8 @@ class Walker:
         step = self.protocol.steps[k]
         new = False
         for c in cells:
-            if c.kind == "utility" and c.defense is not None and c.na_reason and (c.defense.name, c.victim) in self.state:
-                self.state[(c.defense.name, c.victim)].applicable = False
+            if c.kind == "utility" and c.defense is not None and c.na_reason and (c.defense.label, c.victim) in self.state:
+                self.state[(c.defense.label, c.victim)].applicable = False
             if not self.needs(c):
                 continue
             if c.cell_id not in self.seen:
@@ -552,7 +555,8 @@ class StepEstimate:
 
 class CellTimes:
     """Median wall seconds of timed cells, looked up from the most specific match to the least: the same
-    suite, defense, attack, merge and filling; then any defense; then the same on any suite."""
+    suite, defense, attack, merge and filling; then any setting of the same defense (``NAME[*]``: its variants,
+    `bench.plan.parse_variant`); then any defense; then the same on any suite."""
 
     def __init__(self, records: Iterable[CellRecord]) -> None:
         samples: dict[tuple, list[float]] = defaultdict(list)
@@ -566,8 +570,10 @@ class CellTimes:
 
     @staticmethod
     def _keys(suite: str, kind: str, defense: str, attack: str, merge: str, filling: str) -> list[tuple]:
-        return [(suite, kind, defense, attack, merge, filling), (suite, kind, "*", attack, merge, filling),
-                ("*", kind, defense, attack, merge, filling), ("*", kind, "*", attack, merge, filling)]
+        family = defense.split("[", 1)[0] + "[*]"
+        return [(suite, kind, defense, attack, merge, filling), (suite, kind, family, attack, merge, filling),
+                (suite, kind, "*", attack, merge, filling), ("*", kind, defense, attack, merge, filling),
+                ("*", kind, family, attack, merge, filling), ("*", kind, "*", attack, merge, filling)]
 
     def seconds(self, suite: str, cell: Cell) -> float | None:
         for key in self._keys(suite, cell.kind, cell.defense_label, cell.attack_label, cell.merge_label, cell.filling):

@@ -349,6 +349,11 @@ class MergeBarrier(_MergeBarrierBase):
     version = "2"
     Params = MergeBarrierParams
     applies_to = frozenset({ATTENTION, MLP})
+    frontier = {"order": ("4", "6", "8", "10"), "expand_fraction": ("0.25", "0.558", "0.7", "1.0")}
+    """N in even steps through TaylorMLP's two configurations (6 and 8): more orders, a longer series (the cost of the
+    released form grows with N). Expanded neurons: a quarter, the code's 8000/14336 (default), its 10000/14336 and
+    every neuron (Eq. 3 read literally, version 1): fewer columns of W_down released exact. The attention's k is
+    ``mergebarrier-att``'s knob."""
     needs_data = True  # the Taylor FFN is calibrated on the victim's pre-activations
     changes_structure = True
 
@@ -364,6 +369,10 @@ class MergeBarrierAttention(_MergeBarrierBase):
     Params = AttentionParams
     applies_to = frozenset({ATTENTION})
     function_preserving = True
+    frontier = {"k": ("1", "2", "4", "none")}
+    """Directions flipped per head (the paper ablates k, reports no default), up to the default head_dim / 4: k is an
+    absolute count and head_dim differs per suite (32 to 128 here), so larger counts would not be valid, or not
+    larger than the default, on every suite; with head_dim >= 16 the values rise weak to strong."""
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
         return self._protect(expert, ctx, attention=True, ffn=False)
@@ -377,6 +386,8 @@ class MergeBarrierFFN(_MergeBarrierBase):
     version = "2"
     Params = FFNParams
     applies_to = frozenset({MLP})
+    frontier = MergeBarrier.frontier
+    """As ``mergebarrier``'s: N through TaylorMLP's configurations, the expanded share through the code's settings."""
     needs_data = True  # the Taylor FFN is calibrated on the victim's pre-activations
     changes_structure = True
 

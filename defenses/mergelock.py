@@ -82,6 +82,10 @@ class MergeLock(Defense):
     code = ""
     applies_to = frozenset({ATTENTION})
     function_preserving = True
+    frontier = {"high": ("1.5", "5", "15", "30"), "low": ("1", "0.3", "0.1", "0.05")}
+    """One end of the log-uniform scale range at a time, ratios high/low of 15, 50, 150 (the default [0.1, 15]) and
+    300: wider ranges scale each dimension more unevenly. 300 is the widest the condition guard (max_cond 1e4) still
+    draws at head_dim 128 (about 18 % of draws accepted; at 450 under 5 %, and a 40-layer model runs out of draws)."""
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
         layers = ctx.arch.attention_layers()

@@ -89,6 +89,10 @@ class PaRaMS(Defense):
     paper = PAPER
     code = "ISCT-W/PaRaMS"
     function_preserving = True
+    frontier = {"high": ("1.25", "5", "20", "80")}
+    """The scaling range's upper end in steps of 4 about the apply script's 20: α, γ ~ U(low, high) draw far from 1
+    as the range widens. ``low`` is not a knob: under a uniform law the mass below 0.05 is 0.25 % of U(0.05, 20),
+    so moving it changes almost no draw."""
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
         arch = ctx.arch
@@ -177,6 +181,9 @@ class PaRaMSDropout(PaRaMS):
     version = "1"
     Params = PaRaMSDropoutParams
     function_preserving = False
+    frontier = {"p": ("0.1", "0.3", "0.5", "0.7", "0.9")}
+    """The 0.1-0.9 sweep of the drop rate that the reconstruction's choice calls for (its default 0.5 mid-way): more of
+    the task vector is dropped before the rearrangement."""
 
     def before_rearrangement(self, state: StateDict, ctx: DefenseContext) -> dict[str, Any]:
         dropped = total = 0

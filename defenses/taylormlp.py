@@ -119,6 +119,9 @@ class TaylorMLP(Defense):
     applies_to = frozenset({MLP})
     needs_data = True  # neurons are selected and expanded on calibration data, and latency is timed on it
     changes_structure = True
+    frontier = {"order": ("4", "6", "8", "10")}
+    """N in even steps through the code's two configurations (6, ``llama_protection.py``, the default; 8, the paper
+    and ``llama_wikitext_test.py``): the paper's protection is the cost of running the series, which grows with N."""
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
         p = self.params

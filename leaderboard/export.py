@@ -2,7 +2,7 @@
 
 Layout of an export directory::
 
-    manifest.json                    every entry's summary, overall ranking, rank stability, file hashes
+    manifest.json                    every entry's summary, overall ranking, rank stability, strength frontiers, file hashes
     entries/<suite>/<defense>.json   scores per victim and per (attack, merge), and every cell they rest on
     leaderboard.csv                  one row per (suite, defense) and per defense overall
     recovered.csv                    one row per (suite, defense, victim, attack, merge)
@@ -123,7 +123,12 @@ def merge_exports(shipped: str | os.PathLike, local: str | os.PathLike, out_dir:
             texts[extra] = path.read_text(encoding="utf-8")
     files = [{"path": p, "sha256": hashlib.sha256(t.encode()).hexdigest(), "bytes": len(t.encode())}
              for p, t in sorted(texts.items())]
-    combined = {**manifest, "entries": listed, "files": files,
+    # the user's frontiers beside the shipped ones, their settings renamed as their entries are
+    mine = [{**f, "defense": f["defense"] + YOUR_RUN,
+             "points": [{**p, "label": p["label"] + YOUR_RUN, "file": entry_path(f["suite"], p["label"] + YOUR_RUN)}
+                        for p in f["points"]]} for f in local_manifest.get("frontiers") or []]
+    frontier = {"frontiers": [*(manifest.get("frontiers") or []), *mine]} if "frontiers" in manifest or mine else {}
+    combined = {**manifest, **frontier, "entries": listed, "files": files,
                 "suites": sorted(set(manifest["suites"]) | set(local_manifest["suites"])),
                 "defenses": sorted(set(manifest["defenses"]) | {e["defense"] for e in listed})}
     validate(combined, "manifest")
@@ -377,9 +382,67 @@ def _stability(scores: Scores) -> list[dict[str, Any]]:
     return out
 
 
+def _declared_order(name: str) -> dict[tuple[str, str], int]:
+    """(knob, variant label) -> position in the installed defense's declared frontier (empty when the plugin is not
+    installed or declares none): the order its points are drawn in, weak to strong."""
+    from bench.plan import make_defense
+    from bench.registry import defenses
+
+    try:
+        declared = defenses.get(name).frontier
+        return {(k, make_defense(name, {k: v}).label): i for k, values in declared.items() for i, v in enumerate(values)}
+    except Exception:  # a defense no longer installed, or a declaration it no longer accepts: stored order
+        return {}
+
+
+def frontiers(scores: Scores, records: Sequence[CellRecord]) -> list[dict[str, Any]]:
+    """Per (suite, defense) with at least two stored settings (variant labels ``NAME[key=value]``, `bench frontier`):
+    each setting's utility and security with their intervals, as its entry's summary has them. A variant that
+    changes one parameter is a point of that ``knob`` with its ``value`` (from the stored spec); the default setting
+    is a point of every knob the stored variants vary (``default``: true, ``knob`` null when none does); a
+    variant that changes several has ``knob`` null. Points run knob by knob in the declared order."""
+    from bench.params import ParamError
+    from bench.plan import parse_variant
+
+    params = {(c.suite, c.defense): (c.spec.get("defense") or {}).get("params") or {} for c in records
+              if c.kind in ("utility", "merge") and c.filling == "protected" and isinstance(c.spec, dict)}
+    groups: dict[tuple[str, str], list[tuple[DefenseScore, dict[str, str]]]] = {}
+    for ds in scores.suites:
+        if ds.suite is None or ds.defense == scoring.REFERENCE:
+            continue
+        try:
+            name, changed = parse_variant(ds.defense)
+        except ParamError:
+            continue
+        groups.setdefault((ds.suite, name), []).append((ds, changed))
+    out = []
+    for (suite, name), items in sorted(groups.items()):
+        if len(items) < 2:
+            continue
+        knobs = sorted({k for _, changed in items if len(changed) == 1 for k in changed})
+        order = _declared_order(name)
+        points = []
+        for ds, changed in items:
+            if not changed:  # the default setting: a point of every knob the variants vary
+                point_knobs: list[str | None] = [*knobs] or [None]
+            else:  # one knob's point, or (several keys changed) no knob's
+                point_knobs = list(changed) if len(changed) == 1 else [None]
+            for knob in point_knobs:
+                value = params.get((suite, ds.defense), {}).get(knob, changed.get(knob)) if knob else None
+                s = summary(ds)
+                points.append({"label": ds.defense, "knob": knob, "value": _clean(value), "default": not changed,
+                               "utility": s["utility"], "utility_ci": s["utility_ci"], "security": s["security"],
+                               "security_ci": s["security_ci"], "file": entry_path(suite, ds.defense)})
+        points.sort(key=lambda p: (p["knob"] is None, p["knob"] or "", order.get((p["knob"], p["label"]), len(order)),
+                                   p["label"]))
+        out.append({"suite": suite, "defense": name, "points": points})
+    return out
+
+
 def manifest_document(scores: Scores, records: list[CellRecord], files: list[dict[str, Any]],
                       protocol: Protocol | None = None, scope: Scope | None = None) -> dict[str, Any]:
-    """The published index: summaries, overall ranking, rank stability and the hash of every file; under a
+    """The published index: summaries, overall ranking, rank stability, the strength frontiers of defenses with
+    several stored settings (`frontiers`) and the hash of every file; under a
     protocol, also the signal table of every suite (each victim's merge gain with its interval)."""
     from bench.protocol import signal
 
@@ -408,6 +471,7 @@ def manifest_document(scores: Scores, records: list[CellRecord], files: list[dic
                     for ds in scores.overall],
         "rank_stability": _stability(scores),
         "not_applicable": [{"suite": s, "defense": d, "reason": r} for s, d, r in scores.not_applicable],
+        "frontiers": frontiers(scores, records),
         "files": files,
     }
 

@@ -5,7 +5,8 @@ scatter with the Pareto front; rank stability under resampling), ``defense/<name
 of recovered fraction per attack x merge, utility per task, the attack that breaks it, the exact
 parameters that ran), ``attack/<name>.html`` (the defenses it breaks and at what cost),
 ``methods.html`` (every registered defense, attack and merge method, read from the registries),
-``claims.html`` (every paper claim with our measurement per suite and its verdict, `leaderboard.claims`) and
+``claims.html`` (every paper claim with our measurement per suite and its verdict, `leaderboard.claims`),
+``frontiers.html`` (utility against security through each defense's stored strength settings, `bench frontier`) and
 ``downloads.html`` (the exported JSON and CSV, copied under ``data/``).
 
 Everything is local: one stylesheet and one small script under ``assets/``, figures as inline SVG,
@@ -179,6 +180,56 @@ def _place_labels(points: list[dict[str, Any]], char_w: float = 6.2, line_h: flo
             ly += line_h
         boxes.append((lx, ly, width))
         p["lx"], p["ly"] = round(lx, 1), round(ly, 1)
+
+
+FRONTIER_COLORS = ("#1f5fa8", "#c2571a", "#2b8a3e", "#8e3bb0", "#b0402a", "#0e7c86", "#6b6b00", "#a8326e")
+"""One color per defense of a frontier plot (cycled)."""
+
+
+def frontier_figure(items: list[dict[str, Any]], floor: float) -> dict[str, Any] | None:
+    """Geometry of one suite's frontier plot: `scatter`'s axes and points (both intervals as whiskers) for every
+    stored setting, one polyline per (defense, knob) through its points in declared order, the default marked.
+    ``items`` are the manifest's ``frontiers`` of one suite (`leaderboard.export.frontiers`)."""
+    rows: dict[str, dict[str, Any]] = {}
+    for f in items:
+        for p in f["points"]:
+            rows.setdefault(p["label"], {"defense": p["label"], "defense_href": _href("defense", p["label"]),
+                                         "rank": 0, **{k: p[k] for k in ("utility", "utility_ci", "security",
+                                                                          "security_ci")}})
+    geom = scatter(list(rows.values()), floor)
+    if geom is None:
+        return None
+    at = {p["label"]: p for p in geom["points"]}
+    lines, legend, marks = [], [], {}
+    for i, f in enumerate(items):
+        color = FRONTIER_COLORS[i % len(FRONTIER_COLORS)]
+        legend.append({"defense": f["defense"], "color": color})
+        for knob in dict.fromkeys(p["knob"] for p in f["points"]):
+            drawn = [at[p["label"]] for p in f["points"] if p["knob"] == knob and p["label"] in at]
+            if knob is not None and len(drawn) >= 2:
+                lines.append({"defense": f["defense"], "knob": knob, "color": color,
+                              "points": " ".join(f"{q['x']},{q['y']}" for q in drawn)})
+        for p in f["points"]:
+            if p["label"] in at and p["label"] not in marks:
+                # the setting as its label writes it (``factor=4`` of ``toy-scale[factor=4]``)
+                text = "default" if p["default"] else p["label"].partition("[")[2].rstrip("]") or p["label"]
+                marks[p["label"]] = {**at[p["label"]], "variant": p["label"], "label": text, "color": color,
+                                     "default": p["default"]}
+    points = list(marks.values())
+    _place_labels(points)
+    return {**geom, "front": "", "points": points, "lines": lines, "legend": legend}
+
+
+def frontiers_view(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """Per suite with a frontier: its plot and a table row per point (an export without ``frontiers``: none)."""
+    floor = manifest["config"]["utility_floor"]
+    items = manifest.get("frontiers") or []
+    out = []
+    for suite in sorted({f["suite"] for f in items}):
+        mine = [f for f in items if f["suite"] == suite]
+        rows = [{**p, "defense": f["defense"], "href": _href("defense", p["label"])} for f in mine for p in f["points"]]
+        out.append({"suite": suite, "figure": frontier_figure(mine, floor), "rows": rows})
+    return out
 
 
 def stability_figure(item: dict[str, Any]) -> dict[str, Any] | None:
@@ -441,6 +492,8 @@ def build_site(store_or_export_dir: Any, out_dir: str | os.PathLike) -> Path:
                                           "root": "", "page": "methods"}),
         "downloads.html": ("downloads.html", {**common, "root": "", "page": "downloads"}),
         "claims.html": ("claims.html", {**common, "claims": claims_view(data), "root": "", "page": "claims"}),
+        "frontiers.html": ("frontiers.html", {**common, "suites": frontiers_view(manifest), "root": "",
+                                              "page": "frontiers"}),
     }
     for defense in sorted({e["defense"] for e in entries}):
         pages[_href("defense", defense)] = ("defense.html", {**common, "view": defense_view(defense, entries, threshold),

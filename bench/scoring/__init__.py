@@ -45,6 +45,9 @@ Other rules (each pinned by a test in ``tests/test_scoring.py`` or ``tests/test_
   cell or is N/A for a non-structural reason (a budget excess is a misconfiguration), when a protected
   cell's references were never run, when any victim's utility is below the floor, when a
   function-preserving claim was violated, or when no victim is informative.
+* *Strength variants* (``NAME[key=value]``, a setting other than the defense's defaults: `bench frontier`) are
+  scored as entries of their own and never ranked: a defense is ranked at its default setting, and the frontier
+  page draws the others.
 * *The ``none`` defense* is the reference row: it shows each victim's gain per merge, has no security or
   best attack, and is never ranked.
 * *Entry-level pair rows* (the heatmap) are means over one stated set of victims, the same for every

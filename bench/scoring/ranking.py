@@ -37,6 +37,9 @@ def unranked_reason(ds: DefenseScore) -> str:
     blocking = [f for f in ds.flags if f.code in UNRANKING]
     if ds.defense == REFERENCE:
         return "the reference row: an unprotected release (shows each victim's gain; never ranked)"
+    if "[" in ds.defense:  # a variant label NAME[key=value] (`bench.plugins.Defense.label`)
+        return ("a strength setting other than the default (`bench frontier`): drawn on the frontiers page; "
+                "the defense is ranked at its default setting")
     if blocking:
         return "; ".join(f"{f.code}: {f.message}" for f in blocking)
     if ds.security is None:

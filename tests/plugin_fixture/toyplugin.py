@@ -135,6 +135,8 @@ class ToyScale(Defense):
 
     name = "toy-scale"
     Params = ToyScaleParams
+    frontier = {"factor": ("1.5", "2", "4", "8")}
+    """Doubling steps of the amplification about the default 2 (tests of `bench frontier`)."""
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
         f = self.params.factor
