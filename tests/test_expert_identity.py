@@ -4,6 +4,7 @@ from other weights, combining such sources is refused, and a user's run is shown
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -82,3 +83,19 @@ def test_your_run_is_shown_beside_the_shipped_entries_which_stay_as_published(tm
     # each side keeps its own numbers: 0.5 recovered on the shipped experts, 0.75 on the local ones
     assert published["recovered"][0]["recovered"] == pytest.approx(0.5)
     assert mine["recovered"][0]["recovered"] == pytest.approx(0.75)
+
+
+def test_a_local_entry_resting_only_on_shipped_cells_is_not_repeated(tmp_path: Path):
+    """A store that imported the shipped references and ran one defense shows that defense as 'your run'; its
+    reference row, every cell of which is a shipped cell, is shown once, as shipped."""
+    shipped, local = tmp_path / "shipped", tmp_path / "local"
+    cells = _set("expert-A")
+    export(_store(tmp_path / "a.sqlite", cells), shipped, attacks=["none"], n_bootstrap=50)
+    references = [c for c in cells if c.kind == "baseline" or c.filling != "protected"]
+    ours = [c for c in cells if c not in references]
+    assert references and ours
+    export(_store(tmp_path / "b.sqlite", references + ours[:-1] + [replace(ours[-1], cell_id="x" * 24)]), local,
+           attacks=["none"], n_bootstrap=50)
+    manifest, _ = load_export(merge_exports(shipped, local, tmp_path / "combined"))
+    names = {e["defense"] for e in manifest["entries"]}
+    assert names == {"g", "none", "g" + YOUR_RUN}
