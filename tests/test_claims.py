@@ -277,7 +277,7 @@ def test_shipped_rows_are_the_exported_numbers(shipped) -> None:
                         pytest.approx(1 - mine["recovered"]), [pytest.approx(1 - hi), pytest.approx(1 - lo)])
                     assert (r["value"], r["ci"]) == expected
                     assert r["cells"], "every row names the cells it rests on"
-    assert checked > 100
+    assert checked > 50  # vision-effnet alone: 67 rows
 
 
 def test_shipped_verdicts_agree_with_their_own_numbers(shipped) -> None:

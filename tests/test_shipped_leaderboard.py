@@ -13,7 +13,9 @@ from browser import chromium, needs_chromium  # (tests/ is on sys.path)
 from leaderboard import export as lb_export
 
 SHIPPED = lb_export.SHIPPED
-EMBEDDED = ("text-minilm", "vision-effnet")
+EMBEDDED = ("vision-effnet",)
+"""Suites the shipped protocol-version-2 results cover with every defense (text-mix is the next run: its expert
+recipe changed with the portable builds, so its version-1 cells were retired)."""
 
 @pytest.fixture(scope="module")
 def shipped() -> tuple[dict, list[dict]]:
@@ -110,7 +112,7 @@ def test_no_data_free_attack_is_credited_beyond_the_unattacked_pipeline(shipped)
                     expected = min(1.0, max(0.0, (p["v_protected"] - p["v_counterfactual"]) / gain))
                     assert p["recovered"] == pytest.approx(expected, abs=2e-5)  # the inputs are rounded to 6 digits
                 checked += 1
-    assert checked > 100
+    assert checked > 50  # vision-effnet alone: 78 such pairs
 
 
 def test_one_break_threshold_and_ties_share_a_rank(shipped) -> None:
