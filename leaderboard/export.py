@@ -98,7 +98,7 @@ YOUR_RUN = " · your run"
 
 def merge_exports(shipped: str | os.PathLike, local: str | os.PathLike, out_dir: str | os.PathLike) -> Path:
     """An export directory holding the shipped entries as published (never re-scored) and, beside them, the
-    entries of a user's own export that rest on at least one cell the shipped data does not hold, each renamed
+    entries of a user's own export that rest on at least one cell the user's own runs computed, each renamed
     ``<defense> · your run`` and unranked: shown beside the published ones, never ranked with them.
     The CSV downloads stay the shipped ones (the user's numbers are in their own export)."""
     manifest, entries = load_export(shipped)
@@ -109,12 +109,9 @@ def merge_exports(shipped: str | os.PathLike, local: str | os.PathLike, out_dir:
     listed = list(manifest["entries"])
     reason = ("your run: scored from your store alone (the cells it computed and the shipped references it "
               "imported); shown beside the shipped entries, never ranked with them")
-    def same(c: dict[str, Any]) -> tuple[str, str, str]:  # a cell, what it measured, and on which experts
-        return c["cell_id"], dumps(c["metrics"]), dumps((c.get("provenance") or {}).get("hashes"))
-
-    published = {same(c) for doc in entries for c in doc["cells"]}
+    shipped_runs = set(manifest.get("runs") or [])
     for doc in local_entries:
-        if {same(c) for c in doc["cells"]} <= published:
+        if all(c["run_id"] in shipped_runs for c in doc["cells"]):
             continue  # nothing computed locally (the shipped references a store imported): shown once, as shipped
         name = doc["defense"] + YOUR_RUN
         summary = {**doc["summary"], "rank": None, "rank_band": None, "unranked_reason": reason}

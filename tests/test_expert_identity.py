@@ -85,17 +85,28 @@ def test_your_run_is_shown_beside_the_shipped_entries_which_stay_as_published(tm
     assert mine["recovered"][0]["recovered"] == pytest.approx(0.75)
 
 
-def test_a_local_entry_resting_only_on_shipped_cells_is_not_repeated(tmp_path: Path):
-    """A store that imported the shipped references and ran one defense shows that defense as 'your run'; its
-    reference row, every cell of which is a shipped cell, is shown once, as shipped."""
+def test_your_run_rows_are_the_entries_your_runs_computed_not_the_references_you_imported(tmp_path: Path):
+    """A store that imported the shipped references and re-ran one defense: the defense is shown as 'your run'
+    even where it reproduces the shipped numbers exactly; the reference row, every cell of which came from a
+    shipped run, is shown once, as shipped."""
     shipped, local = tmp_path / "shipped", tmp_path / "local"
-    cells = _set("expert-A")
-    export(_store(tmp_path / "a.sqlite", cells), shipped, attacks=["none"], n_bootstrap=50)
+    cells = [replace(c, run_id="shipped-run") for c in _set("expert-A")]
+    with Store(tmp_path / "a.sqlite") as store:
+        store.import_run("shipped-run", {"git": "abc"})
+        for c in cells:
+            store.put_cell(c)
+    export(tmp_path / "a.sqlite", shipped, attacks=["none"], n_bootstrap=50)
     references = [c for c in cells if c.kind == "baseline" or c.filling != "protected"]
-    ours = [c for c in cells if c not in references]
+    ours = [replace(c, run_id="local-run") for c in cells if c not in references]
     assert references and ours
-    export(_store(tmp_path / "b.sqlite", references + ours[:-1] + [replace(ours[-1], cell_id="x" * 24)]), local,
-           attacks=["none"], n_bootstrap=50)
-    manifest, _ = load_export(merge_exports(shipped, local, tmp_path / "combined"))
-    names = {e["defense"] for e in manifest["entries"]}
-    assert names == {"g", "none", "g" + YOUR_RUN}
+    with Store(tmp_path / "b.sqlite") as store:
+        store.import_run("shipped-run", {"git": "abc"})
+        store.import_run("local-run", {"git": "def"})
+        for c in references + ours:
+            store.put_cell(c)
+    export(tmp_path / "b.sqlite", local, attacks=["none"], n_bootstrap=50)
+    manifest, entries = load_export(merge_exports(shipped, local, tmp_path / "combined"))
+    assert {e["defense"] for e in manifest["entries"]} == {"g", "none", "g" + YOUR_RUN}
+    mine = next(e for e in entries if e["defense"] == "g" + YOUR_RUN)
+    theirs = next(e for e in entries if e["defense"] == "g")
+    assert mine["recovered"][0]["recovered"] == theirs["recovered"][0]["recovered"]  # reproduced exactly
