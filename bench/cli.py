@@ -597,7 +597,7 @@ def cmd_frontier(args: argparse.Namespace) -> int:
     """`bench frontier`: the protocol on each declared strength setting of a defense (`bench.frontier`)."""
     from bench.frontier import main as frontier_main
 
-    return frontier_main(args)
+    return frontier_main(args, make_suite=_make_suite, dry_run=_protocol_dry_run)
 
 
 def cmd_reproduce(args: argparse.Namespace) -> int:

@@ -100,9 +100,10 @@ def frontier_table(variants: Sequence[Variant], scores: Scores, suite: str) -> s
                                    "complete"], tablefmt="github", disable_numparse=True)
 
 
-def main(args: argparse.Namespace) -> int:
-    """`bench frontier --defense X --suite S [--jobs N] [--store S] [--victims ...] [--dry-run]`."""
-    from bench.cli import _make_suite, _protocol_dry_run
+def main(args: argparse.Namespace, *, make_suite: Callable[[str, str | None], Suite],
+         dry_run: Callable[..., int]) -> int:
+    """`bench frontier --defense X --suite S [--jobs N] [--store S] [--victims ...] [--dry-run]`; the CLI hands in
+    how it builds a suite and prints a protocol's dry run (so this module does not import the CLI)."""
     from bench.executors.local import run_local
     from bench.protocol import get_protocol, scope
     from bench.runner import RunSummary, environment
@@ -123,8 +124,8 @@ def main(args: argparse.Namespace) -> int:
         for label in labels:
             print(f"  {label}")
         # the shared references are planned once for all variants, so they are counted once here too
-        return _protocol_dry_run(args, protocol, labels, [args.suite], victims)
-    suite = _make_suite(args.suite, args.cache_dir)
+        return dry_run(args, protocol, labels, [args.suite], victims)
+    suite = make_suite(args.suite, args.cache_dir)
     run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
     t0 = time.time()
     with Store(args.store) as store:

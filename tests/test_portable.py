@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -30,9 +29,9 @@ class ToyPortable(ToySuite):
         self.cache_dir.mkdir(parents=True, exist_ok=True)
         (self.cache_dir / f"built-{task}.json").write_text(json.dumps({
             "pid": os.getpid(), "capability": torch.backends.cpu.get_cpu_capability(),
-            "threads": torch.get_num_threads(), "switches": {k: os.environ.get(k) for k in %r}}))
+            "threads": torch.get_num_threads(), "switches": {k: os.environ.get(k) for k in KEYS}}))
         return super().finetune(task, body, head, **kw)
-''' % (sorted(portable.PORTABLE_KERNELS),)
+'''.replace("KEYS", repr(sorted(portable.PORTABLE_KERNELS)))
 
 
 @pytest.fixture()
