@@ -31,5 +31,6 @@ def test_ray_run_survives_dying_workers(plugin_site, tmp_path) -> None:
     out = subprocess.run(argv2, env=env, capture_output=True, text=True, timeout=600)
     assert out.returncode == 1  # a failed cell makes the run's exit status non-zero
     with Store(store) as s:
-        crashed = [c for c in s.cells(defense="toy-crash") if c.spec["defense"]["params"]["mode"] == "always"]
+        # a non-default setting is its own variant label (`Defense.label`)
+        crashed = [c for c in s.cells(defense="toy-crash[mode=always]") if c.spec["defense"]["params"]["mode"] == "always"]
     assert crashed and all(c.status == "failed" and c.reason for c in crashed)

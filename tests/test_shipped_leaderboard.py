@@ -134,3 +134,15 @@ def test_one_break_threshold_and_ties_share_a_rank(shipped) -> None:
             for b in ranked:
                 if a["security"] == b["security"]:
                     assert a["rank_band"] == b["rank_band"]
+
+
+def test_every_text_mix_victim_gives_a_clear_gain_under_task_arithmetic(shipped) -> None:
+    """The text suite's floor (issue: a text suite whose victims matter): under plain TA every victim's gain
+    V_U − V_∅ is at least 0.15 with its interval's lower bound at least 0.10, read from the shipped signal table."""
+    manifest, _ = shipped
+    rows = [r for r in manifest["signal"]["text-mix"] if r["merge"] == "ta"]
+    assert {r["victim"] for r in rows} == {"bbc-topic", "trec-question", "sms-spam", "autos-electronics",
+                                           "tweet-sentiment"}
+    for r in rows:
+        assert r["gain"] == pytest.approx(r["v_unprotected"] - r["v_counterfactual"], abs=2e-6)  # 6-digit rounding
+        assert r["gain"] >= 0.15 and r["gain_ci"][0] >= 0.10, r["victim"]
