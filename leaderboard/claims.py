@@ -316,9 +316,10 @@ CLAIMS: tuple[Claim, ...] = (
     Claim("realign-undoes-params", MB, MB_SRC, "§2; appendix D",
           "permutation can be reversed via weight alignment (Zhang et al. 2023), and scaling can be undone by "
           "dividing with base model parameters (see Appendix D).",
-          "Recovered fraction of PaRaMS after permutation re-alignment to θ_pre (Git Re-Basin weight matching) and "
-          "scale division.",
-          (Condition("undone", Measure("recovered", "params", ("realign+scale-division",)), ">=", UNDONE, "every",
+          "Recovered fraction of PaRaMS after permutation re-alignment to θ_pre (Git Re-Basin weight matching), alone "
+          "or followed by scale division, whichever recovers more (on a CNN PaRaMS only permutes, so re-alignment "
+          "alone is the whole attack, and the protocol stops before the composite once it breaks).",
+          (Condition("undone", Measure("recovered", "params", ("realign", "realign+scale-division")), ">=", UNDONE, "every",
                      "reversed and undone: the protocol's break threshold"),)),
     Claim("aga-bypasses-linear", AGA, NOTES, "Abstract (quoted in research/defenses-attacks.md §8.4)",
           "consistently bypasses both individual and composite defenses",
