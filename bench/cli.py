@@ -199,10 +199,13 @@ def _show_protocol(name: str) -> int:
     protocol = get_protocol(name)
     d = protocol.describe()
     print(f"protocol {d['name']} (version {d['version']}): {d['description']}")
-    print(f"broken: held-out recovered >= {d['break_threshold']} on a victim; then the later steps skip that "
+    print(f"broken: selection-half recovered >= {d['break_threshold']} on a victim; then the later steps skip that "
           f"(defense, victim)")
     print(f"replicates: seeds {','.join(map(str, d['seeds']))}, partners '{d['partners']}'; budget: "
           + ", ".join(f"{k} {v}" for k, v in d["budget"].items()))
+    if d["replicate_seeds"]:
+        print(f"after the last step: each (defense, victim)'s worst pair again under seeds "
+              f"{','.join(map(str, d['replicate_seeds']))} (defense, attack and merge re-drawn); reported pooled")
     print("params: " + ("; ".join(f"{plugin}.{k}={v}" for plugin, kv in d["params"].items() for k, v in kv.items()) or "-"))
     print(tabulate([[s["index"] + 1, s["group"], s["attack"], s["merge"], s["evaluate"]] for s in d["steps"]],
                    headers=["step", "group", "attack", "merge", "evaluates"], tablefmt="github"))
@@ -301,7 +304,9 @@ def _protocol_dry_run(args: argparse.Namespace, protocol: Any, names: list[str],
     print(f"\nupper bound if no pair breaks (a break skips the later steps of its pair): about "
           f"{total / 3600 / args.jobs:.1f} h on {args.jobs} worker(s)"
           + (f", plus {int(unknown)} cells with no timed cell of their kind" if unknown else "")
-          + "; times are the medians of timed cells of the same kind in the store and the shipped results.")
+          + "; times are the medians of timed cells of the same kind in the store and the shipped results"
+          + ("; the replicates row counts each pair at its median-cost step (its worst step is known only "
+             "after the walk)." if protocol.replicate_seeds else "."))
     return 0
 
 

@@ -23,10 +23,15 @@ exactly what the run decided. The protocol's name and version are stamped on eve
 
 Choices where the issue (and AutoAttack) leave room, with the reason:
 
-* *Replicates*: seed 0 with the victim merged with all other tasks (``rest``). Intervals come from
-  the paired bootstrap over test examples (hundreds per victim), so they are not degenerate; a second
-  seed doubles the cost of the text suite and changes only the stochastic plugins (PaRaMS' scaling,
-  DARE, the fine-tuning attacks), which is left to a later version of the protocol.
+* *Replicates*: every step runs seed 0 with the victim merged with all other tasks (``rest``), and the
+  breaks read seed 0. Then, for each (defense, victim), the **worst pair** (the one the scoring chooses on
+  the selection half) runs again under the replicate seeds (1 and 2 in version 3): the defense re-protects
+  with the new seed (its utility cell too), DARE re-draws its masks, the fine-tuning attacks and AdaMerging
+  their batches, with fresh reference cells under the same seeds. The scoring chooses the pair on the
+  replicates every pair shares (seed 0) and reports it on the held-out half pooled over all its seeds, the
+  interval resampling seeds and examples (`bench.scoring`), so the published worst case holds the seed
+  variance that a re-run would show (``benchmarks/replicate_variance.py`` measured it at up to 1.9 test-example
+  standard errors on the stochastic steps) at the cost of two runs of one step per pair, not of every step.
 * *The attacker's data*: fine-tuning attacks use the whole labelled budget (256 samples), the tuned
   merges tune on the same 256 samples: the attacker is strong and spends what it is granted.
 * *Algebraic attacks merge by task arithmetic*: they restore the expert's function exactly or not at
@@ -62,6 +67,8 @@ from bench.suite import Suite
 REFERENCE = "none"
 PLAIN = "plain merge"
 """The step group whose references are always computed: they are the suite's signal table."""
+REPLICATE_GROUP = "replicates"
+"""The cells of the replicate seeds (`Protocol.replicate_seeds`), run after the last step."""
 
 
 @dataclass(frozen=True)
@@ -81,6 +88,10 @@ class Step:
         return f"{self.attack} / {self.merge}"
 
 
+REPLICATES = Step("worst pair", "replicate seeds", REPLICATE_GROUP)
+"""What a `StepReport` of the replicate phase names: each pair's worst step, under the replicate seeds."""
+
+
 @dataclass(frozen=True)
 class Protocol:
     """A named, versioned, ordered evaluation; see the module docstring."""
@@ -97,6 +108,9 @@ class Protocol:
     description: str = ""
     omitted: Mapping[str, str] = field(default_factory=dict)
     """Standard attacks and learned merges that no step runs, each with the measured reason (`coverage`)."""
+    replicate_seeds: tuple[int, ...] = ()
+    """Seeds run, after the walk, on each (defense, victim)'s worst pair only (`Walker.replicates`): the
+    defense, the attack and the merge re-drawn, so the reported worst case's interval holds their variance."""
 
     def stamp(self) -> dict[str, str]:
         return {"name": self.name, "version": self.version}
@@ -117,6 +131,7 @@ class Protocol:
             "steps": [{"index": i, "attack": s.attack, "merge": s.merge, "group": s.group, "evaluate": s.evaluate}
                       for i, s in enumerate(self.steps)],
             "omitted": dict(sorted(self.omitted.items())),
+            "replicate_seeds": list(self.replicate_seeds),
         }
 
 
@@ -127,7 +142,7 @@ def _steps(group: str, attacks: Sequence[str], merges: Sequence[str], evaluate: 
 
 STANDARD = Protocol(
     name="standard",
-    version="2",
+    version="3",
     description="every standard attack, tuned merge and layer-wise AdaMerging, cheapest first; a step runs only on "
                 "(defense, victim) pairs not yet broken",
     steps=tuple(
@@ -151,6 +166,7 @@ STANDARD = Protocol(
         "adamerging-task": "the layer-wise variant recovered at least as much on all 5 protected pairs where version 1 "
                            "ran both, at the same order of cost",
     },
+    replicate_seeds=(1, 2),
 )
 """Version 2 (what changed from version 1, and why; the figures are the shipped version-1 cells):
 
@@ -166,6 +182,9 @@ STANDARD = Protocol(
 * The honest reference (scoring version 3) removed the U and ∅ cells of every undo attack: the algebraic steps
   read the ``none / ta`` step's references.
 * Experts are built with portable kernels (`bench.portable`), so every machine builds the same ones.
+
+Version 3 adds the replicate seeds (1, 2) on each pair's worst step (see *Replicates* in the module
+docstring); every seed-0 cell of version 2 is a cell of version 3 (same ids), so a store of version 2 resumes.
 """
 
 PROTOCOLS: dict[str, Protocol] = {STANDARD.name: STANDARD}
@@ -248,6 +267,8 @@ class VictimWalk:
     """Labels of steps it needs (up to its break) whose cells are not all stored."""
     na: dict[str, str] = field(default_factory=dict)
     """Step label -> structural N/A reason."""
+    replicated: str | None = None
+    """Label of the step whose pair was re-run under the replicate seeds (its worst pair after the walk)."""
 
 
 @dataclass
@@ -293,6 +314,7 @@ class Walker:
         self.state = {(d, v): VictimWalk(d, v) for d in self.names for v in suite.tasks}
         self.seen: set[str] = set()
         self.steps_done = 0
+        self._replicated: dict[tuple[str, str], list[Cell]] = {}
 
     def needs(self, cell: Cell) -> bool:
         """Whether the protocol still needs ``cell``: baselines and utility cells; the protected cells of
@@ -355,6 +377,42 @@ class Walker:
                 fresh.append((vs.defense, vs.victim))
         return sorted(fresh)
 
+    def replicates(self, by_id: Mapping[str, CellRecord]) -> list[Cell]:
+        """After the last step: the cells of each applicable (defense, victim)'s worst pair under the protocol's
+        replicate seeds: its step's baseline, utility, protected and reference cells for that defense and
+        victim. The worst pair is the one the scoring chooses from the cells the walk read (seed 0's selection
+        half; the break's pair for a broken defense), so the seeds add evidence to the reported pair without
+        steering which pair is reported."""
+        from bench import scoring
+
+        if not self.protocol.replicate_seeds or self.steps_done < len(self.protocol.steps):
+            return []
+        steps = {(s.attack, s.merge): s for s in self.protocol.steps}
+        seeded = replace(self.protocol, seeds=self.protocol.replicate_seeds)
+        live = [r for i in sorted(self.seen) if (r := by_id.get(i)) is not None]
+        self._replicated = {}
+        for vs in scoring.score(live, attacks=[]).victims:
+            w = self.state.get((vs.defense, vs.victim))
+            step = steps.get((vs.best_attack, vs.best_merge))
+            if w is None or not w.applicable or step is None:
+                continue
+            w.replicated = step.label
+            self._replicated[(w.defense, w.victim)] = step_cells(seeded, self.suite, step, [w.defense], [w.victim])
+        cells = {c.cell_id: c for cs in self._replicated.values() for c in cs}
+        return list(cells.values())
+
+    def account_replicates(self, by_id: Mapping[str, CellRecord]) -> None:
+        """Mark the replicate cells (`replicates`) read, and each pair whose replicates are not all stored as
+        missing them."""
+        for (d, v), cells in self._replicated.items():
+            w = self.state[(d, v)]
+            self.seen.update(c.cell_id for c in cells)
+            done = all(_done(by_id.get(c.cell_id)) and (c.kind != "merge" or c.filling != "protected"
+                                                         or _references_done(c, by_id)) for c in cells)
+            label = f"replicates of {w.replicated}"
+            if not done and label not in w.missing:
+                w.missing.append(label)
+
     def result(self) -> Walk:
         return Walk(self.protocol, self.suite.name, self.state, set(self.seen))
 
@@ -365,6 +423,8 @@ def walk(protocol: Protocol, suite: Suite, records: Iterable[CellRecord], defens
     walker = Walker(protocol, suite, defense_names)
     for step in protocol.steps:
         walker.advance(step_cells(protocol, suite, step, walker.names), by_id)
+    walker.replicates(by_id)
+    walker.account_replicates(by_id)
     return walker.result()
 
 
@@ -412,6 +472,18 @@ def run_protocol(protocol: Protocol, suite: Suite, store: Store, defense_names: 
             f"{ran} cells run in {seconds:.0f}s"
             + (f"; broken now: {', '.join(f'{d} on {v}' for d, v in fresh)}" if fresh else "")
             + f"; still unbroken somewhere: {', '.join(alive) if alive else 'none'}")
+    if protocol.replicate_seeds:
+        todo = [c for c in walker.replicates({r.cell_id: r for r in store.cells(suite=suite.name)})
+                if not victims or c.victim in victims]
+        t0 = time.time()
+        summary = run_cells(todo)
+        seconds = time.time() - t0
+        walker.account_replicates({r.cell_id: r for r in store.cells(suite=suite.name)})
+        ran = summary.ok + summary.na + summary.failed
+        reports.append(StepReport(len(protocol.steps), REPLICATES, len(todo), ran, seconds, [], summary.failed))
+        seeds = ", ".join(map(str, protocol.replicate_seeds))
+        log(f"[protocol {protocol.name} v{protocol.version}] replicates (seeds {seeds} on each pair's worst step): "
+            f"{ran} cells run in {seconds:.0f}s")
     return walker.result(), reports
 
 
@@ -448,8 +520,8 @@ def stage_profile(records: Iterable[CellRecord], protocol: Protocol) -> list[dic
     for r in records:
         if r.status != "ok":
             continue
-        group = "baseline" if r.kind == "baseline" else "utility (protect)" if r.kind == "utility" else \
-            group_of.get((r.attack, r.merge), "other")
+        group = REPLICATE_GROUP if r.seed not in protocol.seeds else "baseline" if r.kind == "baseline" else \
+            "utility (protect)" if r.kind == "utility" else group_of.get((r.attack, r.merge), "other")
         counts[group] += 1
         timings = (r.provenance or {}).get("timings") or {}
         for stage, secs in timings.items():
@@ -469,7 +541,8 @@ def stage_profile(records: Iterable[CellRecord], protocol: Protocol) -> list[dic
     return rows
 
 
-_GROUP_ORDER = ["baseline", "utility (protect)", "plain merge", "algebraic", "tuned merge", "fine-tuning", "adamerging"]
+_GROUP_ORDER = ["baseline", "utility (protect)", "plain merge", "algebraic", "tuned merge", "fine-tuning", "adamerging",
+                REPLICATE_GROUP]
 
 
 def signal(scores: Any, protocol: Protocol, suite: str) -> list[dict[str, Any]]:
@@ -599,4 +672,28 @@ def estimate(protocol: Protocol, suite: Suite, defense_names: Sequence[str], sto
         stored_here = sum(c.cell_id in done for c in cells)
         out.append(StepEstimate(k, step, len(cells), stored_here, sum(s for s in secs if s is not None),
                                 sum(s is None for s in secs)))
+    if protocol.replicate_seeds:
+        out.append(_replicate_estimate(protocol, suite, names, done, times, victims))
     return out
+
+
+def _replicate_estimate(protocol: Protocol, suite: Suite, names: Sequence[str], done: set[str], times: CellTimes,
+                        victims: Sequence[str] | None) -> StepEstimate:
+    """The replicate phase, typically: which step is a pair's worst is known only after the walk, so each
+    (defense, victim) is counted at its median-cost step, with that step's cells under the replicate seeds
+    (baseline, utility, protected and references; a reference shared by two defenses is counted twice)."""
+    seeded = replace(protocol, seeds=protocol.replicate_seeds)
+    per_pair: dict[tuple[str, str], list[tuple[float, int, int, int]]] = defaultdict(list)
+    for step in protocol.steps:
+        cells = [c for c in step_cells(seeded, suite, step, names) if not victims or c.victim in victims]
+        for d in names:
+            label = make_defense(d).label
+            for v in {c.victim for c in cells}:
+                mine = [c for c in cells if c.victim == v and (c.defense is None or c.defense.label == label)]
+                todo = [c for c in mine if c.cell_id not in done and not c.na_reason]
+                secs = [times.seconds(suite.name, c) for c in todo]
+                per_pair[(label, v)].append((sum(x for x in secs if x is not None), len(mine),
+                                             sum(c.cell_id in done for c in mine), sum(x is None for x in secs)))
+    chosen = [sorted(costs)[len(costs) // 2] for costs in per_pair.values()]
+    return StepEstimate(len(protocol.steps), REPLICATES, sum(c[1] for c in chosen), sum(c[2] for c in chosen),
+                        sum(c[0] for c in chosen), sum(c[3] for c in chosen))

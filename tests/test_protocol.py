@@ -155,6 +155,58 @@ def test_export_under_the_protocol_names_the_breaking_step_and_flags_a_missing_o
     assert any("none / ties" in m for m in entry["summary"]["attacks_missing"])
 
 
+def test_replicate_seeds_rerun_each_pairs_worst_step_and_the_export_pools_them(toy_suite, tmp_path) -> None:
+    from dataclasses import replace as dc_replace
+
+    from bench.scoring import score
+    from leaderboard import export as lb_export
+
+    # TIES recovers the amplified task vector most: put it between two steps, so the worst is neither end
+    protocol = dc_replace(mini(threshold=1.01), replicate_seeds=(1, 2),
+                          steps=(Step("none", "ta", "plain merge", "all"), Step("none", "ties", "plain merge", "all"),
+                                 Step("revert-to-base", "ta", "algebraic")))
+    path = tmp_path / "r.sqlite"
+    with Store(path) as store:
+        result, reports, logs = _run(protocol, toy_suite, store, ["toy-scale"])
+        records = store.cells()
+        _, again, _ = _run(protocol, toy_suite, store, ["toy-scale"])
+    assert "replicates (seeds 1, 2" in logs[-1] and reports[-1].ran > 0 and sum(r.ran for r in again) == 0
+    # the worst pair as the scores of seed 0 alone choose it, and as the scores of everything report it
+    first = {vs.victim: (vs.best_attack, vs.best_merge) for vs in
+             score([r for r in records if r.seed == 0], attacks=[]).victim_scores("toy", "toy-scale")}
+    pooled = {vs.victim: vs for vs in score(records, attacks=[]).victim_scores("toy", "toy-scale")}
+    for v in toy_suite.tasks:
+        attack, merge = first[v]
+        assert (attack, merge) == ("none", "ties")
+        assert result.victims[("toy-scale", v)].replicated == f"{attack} / {merge}"
+        assert (pooled[v].best_attack, pooled[v].best_merge) == (attack, merge)
+        mine = [r for r in records if r.victim == v and r.seed in (1, 2)]
+        protected = {(r.attack, r.merge, r.seed) for r in mine if r.kind == "merge" and r.filling == "protected"}
+        assert protected == {(attack, merge, s) for s in (1, 2)}  # that step only, under each replicate seed
+        assert {(r.kind, r.seed) for r in mine if r.kind != "merge"} == {(k, s) for k in ("baseline", "utility")
+                                                                         for s in (1, 2)}
+        assert {(r.filling, r.seed) for r in mine if r.kind == "merge" and r.filling != "protected"} == {
+            (f, s) for f in ("unprotected", "counterfactual") for s in (1, 2)}
+    replay = walk(protocol, toy_suite, records, ["toy-scale"])
+    assert {k: w.replicated for k, w in replay.victims.items()} == {k: w.replicated for k, w in result.victims.items()}
+    assert all(not w.missing for w in replay.victims.values())
+    # one replicate cell gone: the replay and the export say which replicates are missing
+    victim = toy_suite.tasks[0]
+    with Store(path) as store:
+        gone = next(r for r in store.cells(kind="merge") if r.filling == "protected" and r.seed == 2 and r.victim == victim)
+        with store._tx() as db:
+            db.execute("DELETE FROM metrics WHERE cell_id = ?", (gone.cell_id,))
+            db.execute("DELETE FROM cells WHERE cell_id = ?", (gone.cell_id,))
+        replay = walk(protocol, toy_suite, store.cells(), ["toy-scale"])
+    label = f"replicates of {gone.attack} / {gone.merge}"
+    assert replay.victims[("toy-scale", victim)].missing == [label]
+    assert all(not replay.victims[("toy-scale", v)].missing for v in toy_suite.tasks[1:])
+    out = tmp_path / "data"
+    lb_export.export(path, out, protocol=protocol)
+    entry = next(e for e in json.loads((out / "manifest.json").read_text())["entries"] if e["defense"] == "toy-scale")
+    assert not entry["summary"]["complete"] and any(label in m for m in entry["summary"]["attacks_missing"])
+
+
 def test_scope_reads_only_the_protocol_cells(toy_suite, tmp_path) -> None:
     protocol = mini()
     with Store(tmp_path / "r.sqlite") as store:
@@ -192,7 +244,8 @@ def test_cli_show_and_refusals(capsys) -> None:
 
     assert main(["show", "protocol", "standard"]) == 0
     text = capsys.readouterr().out
-    assert "version 2" in text and "adamerging-layer" in text and "no step covers: none" in text
+    assert "version 3" in text and "adamerging-layer" in text and "no step covers: none" in text
+    assert "worst pair again under seeds 1,2" in text
     assert "omitted on purpose: unmask:" in text
     assert main(["run", "--protocol", "standard", "--merge", "ta"]) == 2
     assert "the protocol fixes" in capsys.readouterr().err
@@ -334,5 +387,5 @@ def test_cli_protocol_dry_run_prints_the_estimate_and_writes_nothing(plugin_site
     assert main(["run", "--protocol", "standard", "--suite", "toy", "--defense", "toy-scale", "--dry-run",
                  "--store", str(store)]) == 0
     out = capsys.readouterr().out
-    assert "toy: protocol standard v2, 1 defenses, 3 victims" in out and "upper bound if no pair breaks" in out
-    assert "adamerging" in out and not store.exists()
+    assert "toy: protocol standard v3, 1 defenses, 3 victims" in out and "upper bound if no pair breaks" in out
+    assert "adamerging" in out and "| replicates" in out and "median-cost step" in out and not store.exists()

@@ -651,3 +651,44 @@ def test_separation_reads_the_lower_tail_of_the_paired_difference_and_no_evidenc
     undefined = clear.copy()
     undefined[:5] = np.nan  # a draw without a value is no evidence for a: counted as no difference (5 % of draws)
     assert not separated(undefined, base, 0.95)
+
+
+def test_replicates_of_the_worst_pair_are_reported_pooled_but_never_steer_the_choice():
+    """The protocol re-runs each victim's worst pair under seeds 1 and 2. Here seed 0 of pair "aa" recovers
+    most, its seeds 1 and 2 little: pooled it would lose to "bb", so a choice that read every seed would report
+    "bb". The choice reads seed 0 (the seed every pair has); the report pools aa's three seeds on the held-out
+    half, and the interval resamples seeds (expected values computed here from the outcomes, by hand)."""
+    from bench.scoring import example_split
+
+    records = []
+    for s in (0, 1, 2):
+        records += [baseline(seed=s), utility_cell("g", 0.88, seed=s)]
+        records += pipeline("g", "aa", "ta", p=0.88 if s == 0 else 0.6, u=0.9, z=0.5, seed=s)
+    records += pipeline("g", "bb", "ta", p=0.8, u=0.9, z=0.5)
+    (v,) = score(unique(records), attacks=["aa", "bb"], n_bootstrap=400).victim_scores(SUITE, "g")
+    _sel, held = example_split(0, SUITE, "v", N)
+    pooled = {k: np.mean([outcomes(a)[held].mean() for a in accs])
+              for k, accs in {"p": (0.88, 0.6, 0.6), "u": (0.9,) * 3, "z": (0.5,) * 3}.items()}
+    want = (pooled["p"] - pooled["z"]) / (pooled["u"] - pooled["z"])
+    assert 0.3 < want < 0.6  # below bb's 0.75: reading every seed would have chosen bb
+    assert v.best_attack == "aa"
+    assert v.best_recovered == pytest.approx(want, abs=1e-9)
+    # seed 0 alone holds out near 0.95 with a test-example interval about ±0.1 wide; the seeds spread it
+    assert v.security_ci[1] - v.security_ci[0] > 0.4
+    # bb has seed 0 alone: its draws resample that one (an interval, not NaN draws from seeds it lacks)
+    bb = next(p for p in v.pairs if p.attack == "bb")
+    assert bb.recovered_ci is not None and bb.recovered_ci[1] - bb.recovered_ci[0] < 0.3 and bb.recovered_ci[0] > 0.5
+
+
+def test_utility_over_several_defense_seeds_resamples_the_seeds():
+    """Utility cells of seeds 0, 1, 2 (the protocol's replicates re-protect): the point is the mean of the
+    per-seed means over the expert's, and the interval holds the seeds' spread (here 0.9, 0.5, 0.9 against an
+    expert at 0.9: draws range from 0.56 to 1)."""
+    records = []
+    for s, u in zip((0, 1, 2), (0.9, 0.5, 0.9)):
+        records += [baseline(seed=s), utility_cell("g", u, seed=s)]
+        records += pipeline("g", "none", "ta", p=0.6, u=0.9, z=0.5, seed=s)
+    (v,) = score(unique(records), attacks=["none"], n_bootstrap=400).victim_scores(SUITE, "g")
+    want = np.mean([outcomes(a).mean() for a in (0.9, 0.5, 0.9)]) / outcomes(0.9).mean()
+    assert v.utility == pytest.approx(want, abs=1e-9)
+    assert v.utility_ci[0] < 0.7 and v.utility_ci[1] >= 0.99  # a seed-blind interval would be about ±0.03

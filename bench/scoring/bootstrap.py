@@ -52,6 +52,12 @@ class PairOutcomes:
     counterfactual: np.ndarray
 
 
+def present_replicates(outcomes: PairOutcomes) -> np.ndarray:
+    """[R] bool: the replicates with outcomes in all three fillings (no NaN row in P, U or ∅)."""
+    return ~(np.isnan(outcomes.protected).any(axis=1) | np.isnan(outcomes.unprotected).any(axis=1)
+             | np.isnan(outcomes.counterfactual).any(axis=1))
+
+
 def weighted_means(x: np.ndarray, w: np.ndarray, c: np.ndarray) -> np.ndarray:
     """Per draw: the replicate-weighted mean of example-weighted means. x [R, n]; w [B, n] example
     counts; c [B, R] replicate counts. Missing replicates (NaN rows) get no weight."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from bench.scoring.bootstrap import PairOutcomes, pair_statistics, stable_rng
+from bench.scoring.bootstrap import PairOutcomes, pair_statistics, present_replicates, stable_rng
 from bench.scoring.results import CI_LEVEL
 
 
@@ -61,22 +61,41 @@ class Selection:
     """The chosen pair's recovered on the selection half (what a stopping rule may read)."""
 
 
+def common_replicates(pairs: Sequence[PairOutcomes], n_replicates: int) -> np.ndarray:
+    """[R] 1.0 on the replicates present in every one of ``pairs`` (`present_replicates`), 0.0 elsewhere;
+    all ones when no replicate is common to all (then every pair is read on what it has)."""
+    mask = np.ones(n_replicates, dtype=bool)
+    for p in pairs:
+        mask &= present_replicates(p)
+    return mask.astype(float) if mask.any() else np.ones(n_replicates)
+
+
 def select_worst_pair(pairs: Sequence[PairOutcomes | None], eligible: Sequence[bool], selection: np.ndarray,
-                      heldout: np.ndarray, heldout_counts: np.ndarray, replicate_counts: np.ndarray,
+                      heldout: np.ndarray, heldout_counts: np.ndarray,
+                      replicate_counts: np.ndarray | Sequence[np.ndarray],
                       tie_break: Sequence[tuple] | None = None, selection_counts: np.ndarray | None = None,
                       level: float = CI_LEVEL) -> Selection:
     """Choose, among ``eligible`` pairs, the one the ``selection`` examples show recovering most, and report
     its recovered on the ``heldout`` examples, with draws over ``heldout_counts`` [B, n] and
-    ``replicate_counts`` [B, R].
+    ``replicate_counts`` [B, R] (one array for every pair, or one per pair: a pair lacking some replicates
+    resamples only those it has, `bench.scoring.victim`).
 
     "Recovering most" is read pessimistically when ``selection_counts`` (bootstrap counts within the
     selection half) are given: the pair with the highest lower confidence bound on the selection half,
     then the highest point value, then ``tie_break``. A pair the attacker recovers exactly (an algebraic
     attack that restores the expert: every draw is 1) then beats a noisy pair whose point value only
     touches the clip at 1 by chance; the choice still sees the selection half only, so the held-out
-    value stays unbiased."""
+    value stays unbiased.
+
+    **Replicates.** The choice reads only the replicates every eligible pair has (`common_replicates`): a
+    pair re-run under more seeds (the protocol's replicates of the worst pair) is compared with the others
+    on the same seeds, so the added seeds never steer which pair is chosen; the chosen pair is then
+    reported on all of its replicates, the draws resampling replicates and held-out examples."""
     n_draws, n = heldout_counts.shape
-    ones_r = np.ones((1, replicate_counts.shape[1]))
+    per_pair = [replicate_counts] * len(pairs) if isinstance(replicate_counts, np.ndarray) else list(replicate_counts)
+    ones_r = np.ones((1, per_pair[0].shape[1] if per_pair else 1))
+    common = common_replicates([p for p, ok in zip(pairs, eligible) if ok and p is not None], ones_r.shape[1])
+    sel_r = ones_r * common[None, :]
     sel_w, held_w, all_w = indicator(n, selection), indicator(n, heldout), np.ones((1, n))
     best, best_key, best_sel = None, None, None
     naive = None
@@ -86,12 +105,16 @@ def select_worst_pair(pairs: Sequence[PairOutcomes | None], eligible: Sequence[b
         full = float(pair_statistics(p, all_w, ones_r).recovered[0])
         if not math.isnan(full):
             naive = full if naive is None else max(naive, full)
-        r_sel = float(pair_statistics(p, sel_w, ones_r).recovered[0])
+        r_sel = float(pair_statistics(p, sel_w, sel_r).recovered[0])
         if math.isnan(r_sel):
             continue
         lower = r_sel
         if selection_counts is not None:
-            draws = np.nan_to_num(pair_statistics(p, selection_counts, replicate_counts[: len(selection_counts)]).recovered,
+            # replicates resampled when every pair has them all; else the common ones, each once (resampling
+            # them among the others would leave draws with none of them)
+            reps = (per_pair[i][: len(selection_counts)] if common.all()
+                    else np.broadcast_to(common, (len(selection_counts), len(common))))
+            draws = np.nan_to_num(pair_statistics(p, selection_counts, reps).recovered,
                                   nan=0.0)  # a draw in which the victim gives nothing is no evidence of recovery
             lower = float(np.percentile(draws, 50 * (1 - level)))
         key = (-lower, -r_sel, *(tie_break[i] if tie_break else ()), i)
@@ -102,5 +125,5 @@ def select_worst_pair(pairs: Sequence[PairOutcomes | None], eligible: Sequence[b
     chosen = pairs[best]
     assert chosen is not None
     point = float(pair_statistics(chosen, held_w, ones_r).recovered[0])
-    draws = pair_statistics(chosen, heldout_counts, replicate_counts).recovered
+    draws = pair_statistics(chosen, heldout_counts, per_pair[best]).recovered
     return Selection(best, None if math.isnan(point) else point, draws, naive, best_sel)

@@ -14,6 +14,7 @@ from bench.scoring.bootstrap import (
     flip,
     pair_statistics,
     percentile_ci,
+    present_replicates,
     stable_rng,
     utility_ratio,
 )
@@ -108,15 +109,16 @@ class VictimScorer:
         sel_counts = bootstrap_counts(draw_rng, n_eff, self.n_bootstrap, within=selection) if n > 1 else None
         ones = (np.ones((1, n_eff)), np.ones((1, max(len(reps), 1))))
         scores, eligible = [], []
-        for pair, out, reason in zip(pairs, outcomes, reasons):
-            scores.append(self._pair_score(pair, out, reason, ones, all_counts, rep_counts, n))
+        pair_reps = [self._replicate_counts(out, rep_counts) for out in outcomes]
+        for pair, out, reason, reps_i in zip(pairs, outcomes, reasons, pair_reps):
+            scores.append(self._pair_score(pair, out, reason, ones, all_counts, reps_i, n))
             eligible.append(out is not None and bool(scores[-1].informative))
         vs.pairs = scores
         vs.informative = any(eligible)
         security_draws = np.full(self.n_bootstrap, np.nan)
         if self.defense != REFERENCE:  # the reference row shows gains; it has no attacker to beat
             tie = [(p.attack_s or 0.0, p.attack, p.merge) for p in scores]
-            sel = select_worst_pair(outcomes, eligible, selection, heldout, held_counts, rep_counts, tie, sel_counts,
+            sel = select_worst_pair(outcomes, eligible, selection, heldout, held_counts, pair_reps, tie, sel_counts,
                                     self.ci_level)
             if sel.index is not None and sel.recovered is not None:
                 best = scores[sel.index]
@@ -220,6 +222,19 @@ class VictimScorer:
                 reasons[i] = f"measured on {o.protected.shape[1]} test outcomes where the other pairs have {n}"
         return out, reasons, n
 
+    def _replicate_counts(self, out: PairOutcomes | None, rep_counts: np.ndarray) -> np.ndarray:
+        """The replicate draws [B, R] of one pair: ``rep_counts`` (every replicate resampled) when it has every
+        replicate; else draws within the replicates it has (a pair the protocol re-ran under more seeds sits
+        beside pairs of seed 0 alone, whose draws must not pick seeds they lack)."""
+        if out is None or rep_counts.shape[1] < 2:
+            return rep_counts
+        present = present_replicates(out)
+        if present.all() or not present.any():
+            return rep_counts
+        idx = np.flatnonzero(present)
+        rng = stable_rng(self.seed, self.suite, self.victim, "replicates", tuple(idx.tolist()))
+        return bootstrap_counts(rng, len(present), self.n_bootstrap, within=idx)
+
     def _pair_score(self, pair: Pair, out: PairOutcomes | None, reason: str, ones: tuple, all_counts: np.ndarray,
                     rep_counts: np.ndarray, n: int) -> PairScore:
         cells = [c for c, _u, _z in pair.replicates.values()]
@@ -306,8 +321,11 @@ class VictimScorer:
         n = len(pairs[0][0])
         if n > 1 and all(len(a) == n for a, _ in pairs):
             w = bootstrap_counts(stable_rng(self.seed, self.suite, self.victim, "utility"), n, self.n_bootstrap)
-            a_draws = np.mean([(w @ a) / n for a, _ in pairs], axis=0)
-            e_draws = np.mean([(w @ e) / n for _, e in pairs], axis=0)
+            # several seeds (the protocol's replicates re-protect): resample them too, so their spread is in the interval
+            c = (bootstrap_counts(stable_rng(self.seed, self.suite, self.victim, "utility seeds"), len(pairs),
+                                  self.n_bootstrap) if len(pairs) > 1 else np.ones((self.n_bootstrap, 1)))
+            a_draws = (c * np.stack([(w @ a) / n for a, _ in pairs], axis=1)).sum(axis=1) / c.sum(axis=1)
+            e_draws = (c * np.stack([(w @ e) / n for _, e in pairs], axis=1)).sum(axis=1) / c.sum(axis=1)
             num, den = (a_draws, e_draws) if self.hib else (e_draws, a_draws)
             with np.errstate(invalid="ignore", divide="ignore"):
                 self._utility_draws = np.where(den > 0, num / den, np.nan)
