@@ -205,6 +205,10 @@ def test_replicate_seeds_rerun_each_pairs_worst_step_and_the_export_pools_them(t
     lb_export.export(path, out, protocol=protocol)
     entry = next(e for e in json.loads((out / "manifest.json").read_text())["entries"] if e["defense"] == "toy-scale")
     assert not entry["summary"]["complete"] and any(label in m for m in entry["summary"]["attacks_missing"])
+    from leaderboard.site import build_site
+
+    index = build_site(out, tmp_path / "site").read_text()
+    assert "runs again under seeds 1, 2" in index and "runs one seed" not in index
 
 
 def test_scope_reads_only_the_protocol_cells(toy_suite, tmp_path) -> None:
@@ -378,6 +382,18 @@ def test_the_dry_run_estimate_reads_the_medians_of_timed_cells_of_the_same_kind(
     assert sum(r.seconds for r in estimate(protocol, toy_suite, ["toy-scale"], [], other)) == pytest.approx(want)
     nothing = estimate(protocol, toy_suite, ["toy-scale"], [], CellTimes([]))
     assert sum(r.unknown for r in nothing) == len(todo)
+    # replicate seeds add one row: per (defense, victim) the cells of its median-cost step under those seeds
+    seeded = dc_replace(protocol, replicate_seeds=(1,))
+    flat = CellTimes([dc_replace(r, provenance={**r.provenance, "wall_seconds": 1.0}) for r in records])
+    *steps, reps = estimate(seeded, toy_suite, ["toy-scale"], [], flat)
+    assert [r.step for r in steps] == list(protocol.steps) and reps.step.group == "replicates"
+    one_seed = dc_replace(protocol, seeds=(1,))
+    per_victim = {v: sorted(len([c for c in step_cells(one_seed, toy_suite, s, ["toy-scale"], [v])
+                                 if c.defense is None or c.defense.label == "toy-scale"]) for s in protocol.steps)
+                  for v in toy_suite.tasks}
+    assert reps.cells == sum(counts[len(counts) // 2] for counts in per_victim.values())
+    # every timed kind at 1 s, nothing stored; the kinds the break kept from running have no time at all
+    assert reps.seconds + reps.unknown == reps.cells and reps.stored == 0 and reps.unknown > 0
 
 
 def test_cli_protocol_dry_run_prints_the_estimate_and_writes_nothing(plugin_site, tmp_path, capsys) -> None:

@@ -120,7 +120,9 @@ def test_one_break_threshold_and_ties_share_a_rank(shipped) -> None:
 
     manifest, entries = shipped
     threshold = manifest["config"]["break_threshold"]
-    assert threshold == STANDARD.break_threshold and manifest["config"]["scoring_version"] == "3"
+    from bench.scoring import SCORING_VERSION
+
+    assert threshold == STANDARD.break_threshold and manifest["config"]["scoring_version"] == SCORING_VERSION
     for e in entries:
         for v in e["victims"]:
             held = v["best_recovered"]

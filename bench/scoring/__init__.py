@@ -1,4 +1,4 @@
-"""Scores of the leaderboard (scoring version 3): utility, the recovered fraction against the honest
+"""Scores of the leaderboard (scoring version 4): utility, the recovered fraction against the honest
 counterpart, the held-out worst case, intervals and rank bands.
 
 For a victim task v and one pipeline (attack A with its params, merge M with its params, partners,
@@ -37,6 +37,9 @@ Other rules (each pinned by a test in ``tests/test_scoring.py`` or ``tests/test_
 
 * *Means over replicates.* V_x of a pair is the mean over its replicates of the per-replicate
   example mean; recovered is the ratio of the mean differences (not a mean of ratios).
+* *Replicates of one pair* (the protocol re-runs each victim's worst pair under more seeds): the worst pair is
+  chosen on the replicates every pair has, then reported pooled over all of its own; each pair's bootstrap
+  resamples only the replicates it has (never a seed it lacks); utility resamples its seeds with the examples.
 * *Lower-is-better metrics* (perplexity, FID): outcomes are sign-flipped, so a gain is always an
   improvement, and utility is metric(expert) / metric(artifact).
 * *Superseded cells.* Protected cells are read at their newest version per coordinates (a re-run

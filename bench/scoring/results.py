@@ -12,9 +12,11 @@ CI_LEVEL = 0.95
 PRIMARY_METRICS = ("accuracy", "acc", "exact_match", "pass@1", "f1", "clip_score")
 REFERENCE = "none"
 """Name of the no-defense / no-attack plugins: the unprotected reference."""
-SCORING_VERSION = "3"
+SCORING_VERSION = "4"
 """3: references from each attack's honest counterpart; breaks decided on the selection half; undefined
-bootstrap draws counted at both ends; rank bands; utility capped at 1 for ranking."""
+bootstrap draws counted at both ends; rank bands; utility capped at 1 for ranking. 4: the worst pair is chosen on
+the replicates every pair has and reported pooled over all of its own; each pair's draws resample only the
+replicates it has; utility resamples seeds (the same numbers as 3 wherever every cell has one seed)."""
 
 METRICS: dict[str, dict[str, Any]] = {
     "utility": {"higher_is_better": True, "description": "protected artifact alone / unprotected expert, on the victim task"},
