@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import fnmatch
 import os
 import re
 import shutil
@@ -45,6 +46,11 @@ PYTEST_MARKERS = "not slow and not network and not gpu"
 
 def split_list(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def selected(mutant: str, globs: list[str]) -> bool:
+    """Whether a mutant name matches one of the ``--functions`` globs."""
+    return any(fnmatch.fnmatchcase(mutant, g) for g in globs)
 
 
 def module_pattern(module: str) -> str:
@@ -145,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated files or package directories to mutate, relative to the repository root")
     ap.add_argument("--tests", type=split_list, required=True,
                     help="comma-separated test files (or pytest node ids) that should kill the mutants")
+    ap.add_argument("--functions", type=split_list, default=[],
+                    help="comma-separated globs on mutant names (module.x_function*, module.xǁClassǁmethod*): mutate "
+                         "and report only the functions they match, e.g. the planner's counterpart rule "
+                         "'bench.plan.x_counterpart_spec*,bench.plan.x_reference_ids*'")
     ap.add_argument("--workers", type=int, default=2, help="mutants run in parallel (default 2)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="where the snapshot and mutmut's mutants/ go, kept afterwards (default: a temporary "
@@ -185,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
             write_config(workdir, patterns, args.tests)
             names = []
             print(f"mutating {', '.join(patterns)} against {', '.join(args.tests)} in {workdir}", flush=True)
+        if args.functions:
+            names = [n for n in names if selected(n, args.functions)] if names else list(args.functions)
         start = time.time()
         if names or not args.rerun:
             mutmut(workdir, "run", "--max-children", str(args.workers), *names, capture=False)
         seconds = time.time() - start
-        statuses = results(workdir)
+        statuses = {n: s for n, s in results(workdir).items() if not args.functions or selected(n, args.functions)}
         rows = summary_rows(statuses, patterns)
         survivors = sorted(n for n, s in statuses.items() if s not in KILLED | {"skipped", "not checked"})
         print(f"\nsurvivors ({len(survivors)}):")
