@@ -665,7 +665,7 @@ def test_replicates_of_the_worst_pair_are_reported_pooled_but_never_steer_the_ch
         records += [baseline(seed=s), utility_cell("g", 0.88, seed=s)]
         records += pipeline("g", "aa", "ta", p=0.88 if s == 0 else 0.6, u=0.9, z=0.5, seed=s)
     records += pipeline("g", "bb", "ta", p=0.8, u=0.9, z=0.5)
-    (v,) = score(unique(records), attacks=["aa", "bb"], n_bootstrap=400).victim_scores(SUITE, "g")
+    (v,) = score(unique(records), attacks=["aa", "bb"], n_bootstrap=1000).victim_scores(SUITE, "g")
     _sel, held = example_split(0, SUITE, "v", N)
     pooled = {k: np.mean([outcomes(a)[held].mean() for a in accs])
               for k, accs in {"p": (0.88, 0.6, 0.6), "u": (0.9,) * 3, "z": (0.5,) * 3}.items()}
@@ -678,6 +678,12 @@ def test_replicates_of_the_worst_pair_are_reported_pooled_but_never_steer_the_ch
     # bb has seed 0 alone: its draws resample that one (an interval, not NaN draws from seeds it lacks)
     bb = next(p for p in v.pairs if p.attack == "bb")
     assert bb.recovered_ci is not None and bb.recovered_ci[1] - bb.recovered_ci[0] < 0.3 and bb.recovered_ci[0] > 0.5
+    # and adding aa's seeds moved nothing else: bb's numbers and the choice's selection-half value are those of
+    # seed 0 alone (the example draws do not depend on how many replicates a victim has)
+    (alone,) = score(unique([r for r in records if r.seed == 0]), attacks=["aa", "bb"],
+                     n_bootstrap=1000).victim_scores(SUITE, "g")
+    assert next(p for p in alone.pairs if p.attack == "bb").recovered_ci == bb.recovered_ci
+    assert (alone.best_attack, alone.selection_recovered) == ("aa", v.selection_recovered)
 
 
 def test_utility_over_several_defense_seeds_resamples_the_seeds():

@@ -100,7 +100,10 @@ class VictimScorer:
         # Seeded by (suite, victim), not by defense: every defense and pair sees the same split and draws.
         draw_rng = stable_rng(self.seed, self.suite, self.victim, "draws")
         n_eff = max(n, 1)
-        rep_counts = (bootstrap_counts(draw_rng, len(reps), self.n_bootstrap) if len(reps) > 1
+        # replicates draw from their own stream: adding seeds to one pair leaves every example draw (and so the
+        # choice of the worst pair, and every other pair's interval) as it was
+        rep_counts = (bootstrap_counts(stable_rng(self.seed, self.suite, self.victim, "replicates"), len(reps),
+                                       self.n_bootstrap) if len(reps) > 1
                       else np.ones((self.n_bootstrap, max(len(reps), 1))))
         all_counts = bootstrap_counts(draw_rng, n_eff, self.n_bootstrap) if n > 1 else np.ones((self.n_bootstrap, n_eff))
         selection, heldout = example_split(self.seed, self.suite, self.victim, n_eff)
