@@ -405,3 +405,29 @@ def test_cli_protocol_dry_run_prints_the_estimate_and_writes_nothing(plugin_site
     out = capsys.readouterr().out
     assert "toy: protocol standard v3, 1 defenses, 3 victims" in out and "upper bound if no pair breaks" in out
     assert "adamerging" in out and "| replicates" in out and "median-cost step" in out and not store.exists()
+
+
+def test_protocol_defenses_reads_all_lists_and_variants() -> None:
+    from bench.protocol import protocol_defenses
+    from bench.registry import defenses
+
+    every = list(defenses.names())
+    assert protocol_defenses(None) == protocol_defenses("all") == protocol_defenses(["all"]) == every
+    assert protocol_defenses("params,mergelock,params") == ["params", "mergelock"]  # once each, in order
+    assert protocol_defenses(["mergelock", "params"]) == ["mergelock", "params"]
+    # a variant at the default params is the plain name; another setting keeps its label
+    high = defenses.get("params").Params().high
+    assert protocol_defenses([f"params[high={high}]"]) == ["params"]
+    assert protocol_defenses(["params[high=7]"]) == ["params[high=7]"]
+
+
+def test_coverage_reports_a_gap_apart_from_an_omission() -> None:
+    from dataclasses import replace as dc_replace
+
+    # drop the step of one standard attack: with no reason given it is a gap (''), with one it is an omission
+    steps = tuple(s for s in STANDARD.steps if s.attack != "graderase")
+    gap = dict(coverage(dc_replace(STANDARD, steps=steps)))
+    assert gap["graderase"] == "" and gap["unmask"].startswith("omitted: ")
+    told = dict(coverage(dc_replace(STANDARD, steps=steps, omitted={**STANDARD.omitted, "graderase": "a reason"})))
+    assert told["graderase"] == "omitted: a reason"
+    assert dict(coverage(STANDARD))["graderase"] == "graderase / ta"
