@@ -531,7 +531,9 @@ def stage_profile(records: Iterable[CellRecord], protocol: Protocol) -> list[dic
         wall = (r.provenance or {}).get("wall_seconds")
         if isinstance(wall, (int, float)):
             totals[(group, "wall")] += float(wall)
-    groups = sorted({g for g, _ in totals}, key=lambda g: [*_GROUP_ORDER, g].index(g) if g in _GROUP_ORDER else 99)
+    # the documented groups in their order, then any other (a custom step group, 'other') by name
+    groups = sorted({g for g, _ in totals},
+                    key=lambda g: (_GROUP_ORDER.index(g) if g in _GROUP_ORDER else len(_GROUP_ORDER), g))
     rows = []
     for g in groups:
         row: dict[str, Any] = {"group": g, "cells": counts[g]}

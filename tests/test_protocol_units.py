@@ -1,0 +1,304 @@
+"""Small pieces of `bench.protocol` on hand-built records, each expected value worked out by hand."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from bench.plugins import AttackNeeds
+from bench.protocol import (
+    PROTOCOLS,
+    REPLICATE_GROUP,
+    CellTimes,
+    Protocol,
+    ProtocolError,
+    Step,
+    _steps,
+    get_protocol,
+    signal,
+    stage_profile,
+)
+from bench.store import CellRecord
+
+BUDGET = AttackNeeds(anchor=True, labelled=256, unlabelled=1024, finetune_steps=1000, knows_defense=True)
+PROTOCOL = Protocol(name="p", version="0", break_threshold=0.9, seeds=(0,), partners="rest", params={}, budget=BUDGET,
+                    steps=(Step("none", "ta", "plain merge", "all"), Step("realign", "ta", "algebraic"),
+                           Step("none", "ties", "custom")),
+                    replicate_seeds=(1,))
+
+
+def _rec(i: int, kind: str, attack: str = "-", merge: str = "-", seed: int = 0, status: str = "ok",
+         timings: dict | None = None, wall: object = None, suite: str = "s", defense: str = "d",
+         filling: str = "protected") -> CellRecord:
+    prov: dict = {"timings": timings or {}}
+    if wall is not None:
+        prov["wall_seconds"] = wall
+    return CellRecord(cell_id=f"c{i}", kind=kind, suite=suite, victim="v", partners=("p",), defense=defense,
+                      attack=attack, merge=merge, seed=seed, status=status, provenance=prov, filling=filling)
+
+
+def test_stage_profile_sums_each_stage_per_group_and_counts_protection_once() -> None:
+    records = [
+        # a failed cell first: it is skipped, and the cells after it still count
+        _rec(0, "merge", "none", "ta", status="failed", timings={"merge": 100.0}, wall=1000.0),
+        _rec(1, "baseline", timings={"evaluate": 1.5}, wall=2.0),
+        _rec(2, "utility", timings={"protect": 5.0, "evaluate": 1.0}, wall=6.5),
+        # a merge cell repeats its artifact's protect time (computed once by the utility cell): not counted again
+        _rec(3, "merge", "none", "ta", timings={"protect": 5.0, "merge": 2.0, "evaluate": 3.0}, wall=5.5),
+        _rec(4, "merge", "realign", "ta", timings={"prepare": 1.0, "merge": 2.0, "evaluate": 3.0, "finish": 0.5},
+             wall=7.0),
+        _rec(5, "merge", "none", "wa", timings={"merge": 1.0}, wall=1.5),  # no step of the protocol
+        # the replicate seed: its own group whatever the kind; a non-numeric timing is ignored
+        _rec(6, "merge", "realign", "ta", seed=1, timings={"prepare": 4.0, "evaluate": "n/a"}, wall=9.0),
+        _rec(7, "utility", seed=1, timings={"protect": 8.0}, wall=8.5),
+        _rec(8, "merge", "none", "ta", timings={"merge": 0.5}),  # no wall time recorded
+        _rec(9, "merge", "none", "ties", timings={"merge": 0.75}, wall=0.75),  # a group of its own, seconds to 0.1
+    ]
+    rows = stage_profile(records, PROTOCOL)
+
+    def row(group: str, cells: int, **stages: float) -> dict:
+        out = {"group": group, "cells": cells}
+        out.update({s: stages.get(s, 0.0) for s in ("protect", "prepare", "merge", "finish", "evaluate", "wall")})
+        return out
+
+    assert rows == [
+        row("baseline", 1, evaluate=1.5, wall=2.0),
+        row("utility (protect)", 1, protect=5.0, evaluate=1.0, wall=6.5),
+        row("plain merge", 2, merge=2.5, evaluate=3.0, wall=5.5),
+        row("algebraic", 1, prepare=1.0, merge=2.0, evaluate=3.0, finish=0.5, wall=7.0),
+        row(REPLICATE_GROUP, 2, protect=8.0, prepare=4.0, wall=17.5),
+        # groups outside the documented order come after it, by name
+        row("custom", 1, merge=0.8, wall=0.8),
+        row("other", 1, merge=1.0, wall=1.5),
+    ]
+
+
+def test_steps_cross_attacks_with_merges_in_order_and_evaluate_the_victim_by_default() -> None:
+    assert _steps("algebraic", ["a", "b"], ["ta", "ties"]) == [
+        Step("a", "ta", "algebraic", "victim"), Step("a", "ties", "algebraic", "victim"),
+        Step("b", "ta", "algebraic", "victim"), Step("b", "ties", "algebraic", "victim")]
+    assert _steps("plain merge", ["none"], ["wa"], evaluate="all") == [Step("none", "wa", "plain merge", "all")]
+
+
+def test_cell_times_take_the_median_of_the_most_specific_timed_match() -> None:
+    walls = {("s", "params[high=80]"): [3, 1, 2], ("s", "params[high=40]"): [40, 30],
+             ("s", "taylor"): [800, 500, 700, 600], ("u", "params[high=80]"): [9100, 9000, 9200],
+             ("u", "params[high=10]"): [7300, 7000, 7200, 7100], ("s", "barrier[dims=[1, 2]]"): [900, 10, 20]}
+    timed = [(s, d, w) for (s, d), ws in walls.items() for w in ws]
+    records = [_rec(i, "merge", "none", "ta", suite=s, defense=d, wall=w) for i, (s, d, w) in enumerate(timed)]
+    records += [
+        # never timed: a failed cell, a wall time that is not a number, and no wall time at all
+        _rec(90, "merge", "none", "ta", defense="params[high=80]", status="failed", wall=10.0 ** 6),
+        _rec(91, "merge", "none", "ta", defense="params[high=80]", wall="99999"),
+        _rec(92, "merge", "none", "ta", defense="params[high=80]"),
+        # another kind and another filling of the same coordinates are looked up apart
+        _rec(93, "utility", "none", "ta", defense="params[high=80]", wall=123.0),
+        _rec(94, "merge", "none", "ta", defense="none", filling="unprotected", wall=77.0),
+    ]
+    times = CellTimes(records)
+
+    def secs(suite: str, defense: str, kind: str = "merge", merge: str = "ta", filling: str = "protected"):
+        cell = SimpleNamespace(kind=kind, defense_label=defense, attack_label="none", merge_label=merge,
+                               filling=filling)
+        return times.seconds(suite, cell)
+
+    # the median is the upper middle of the sorted times (sorted(v)[len(v) // 2]), worked out by hand:
+    assert secs("s", "params[high=80]") == 2  # [1, 2, 3]
+    assert secs("s", "params[high=5]") == 3  # any params setting on s: [1, 2, 3, 30, 40]
+    # a setting whose value holds brackets is of the family before the first one
+    assert secs("s", "barrier[n=4]") == 20
+    assert secs("s", "mergeguard") == 40  # any defense on s: [1, 2, 3, 10, 20, 30, 40, 500, 600, 700, 800, 900]
+    assert secs("t", "params[high=80]") == 9000  # that defense on any suite: [1, 2, 3, 9000, 9100, 9200]
+    assert secs("t", "params[high=5]") == 7100  # any params setting anywhere: 12 times, the 7th
+    assert secs("t", "mergeguard") == 700  # anything anywhere: 19 times, the 10th
+    assert secs("s", "params[high=80]", kind="utility") == 123
+    assert secs("s", "none", filling="unprotected") == 77
+    assert secs("s", "params[high=80]", merge="wa") is None
+
+
+class _OneSecond:
+    """Times every cell at 1 s (the estimate's arithmetic, apart from the lookup)."""
+
+    def seconds(self, suite: str, cell: object) -> float:
+        return 1.0
+
+
+FOUR = Protocol(name="four", version="0", break_threshold=0.9, seeds=(0,), partners="rest", params={}, budget=BUDGET,
+                steps=(Step("none", "ties", "plain merge", "all"), Step("none", "wa", "plain merge", "all"),
+                       Step("revert-to-base", "ta", "algebraic"), Step("none", "ta", "plain merge", "all")),
+                replicate_seeds=(1,))
+
+
+def test_estimate_rows_are_indexed_by_step_and_a_victim_slice_counts_that_victim_only(toy_suite) -> None:
+    from bench.protocol import estimate, step_cells
+
+    v = toy_suite.tasks[0]
+    rows = estimate(FOUR, toy_suite, ["toy-scale"], [], _OneSecond(), victims=[v])
+    assert [r.index for r in rows] == [0, 1, 2, 3, 4] and rows[-1].step.group == REPLICATE_GROUP
+    # per step and victim: a baseline, the defense's utility cell, the protected cell and its two references (5);
+    # a cell an earlier step planned is not counted again: the baseline and utility cell after the first step,
+    # and none / ta's references, which revert-to-base (read against the plain merge) plans before none / ta
+    assert [r.cells for r in rows[:4]] == [5, 3, 3, 1]
+    mine = {c.cell_id for s in FOUR.steps for c in step_cells(FOUR, toy_suite, s, ["toy-scale"])}
+    assert all(r.seconds == r.cells for r in rows[:4]) and sum(r.cells for r in rows[:4]) == len(mine) // 3
+    # the replicate row of the one victim: its median-cost step's 5 cells under seed 1
+    assert (rows[-1].cells, rows[-1].seconds, rows[-1].stored) == (5, 5.0, 0)
+
+
+def test_the_replicate_row_counts_each_pair_at_its_median_cost_step_under_the_replicate_seeds(toy_suite) -> None:
+    from dataclasses import replace
+
+    from bench.protocol import estimate, step_cells
+
+    seed1 = replace(FOUR, seeds=(1,))
+    # the seed-1 merge cells of the first two steps are stored already: per victim the four steps then cost
+    # 2, 2, 5 and 5 cells (the baseline and utility cells of seed 1 are never stored here): the upper median
+    # of four is the third, 5, on each of the 3 victims
+    stored = [c.cell_id for s in FOUR.steps[:2] for c in step_cells(seed1, toy_suite, s, ["toy-scale"])
+              if c.kind == "merge"]
+    # and every seed-0 cell of every step (what the walk ran): none of them is a replicate
+    stored += [c.cell_id for s in FOUR.steps for c in step_cells(FOUR, toy_suite, s, ["toy-scale"])]
+    reps = estimate(FOUR, toy_suite, ["toy-scale"], stored, _OneSecond())[-1]
+    assert (reps.cells, reps.stored, reps.seconds, reps.unknown) == (15, 0, 15.0, 0)
+    # all of them stored: nothing left, each pair's median step still counted in cells
+    everything = stored + [c.cell_id for s in FOUR.steps for c in step_cells(seed1, toy_suite, s, ["toy-scale"])]
+    done = estimate(FOUR, toy_suite, ["toy-scale"], everything, _OneSecond())[-1]
+    assert (done.cells, done.stored, done.seconds) == (15, 15, 0.0)
+
+
+def test_estimate_reads_the_times_of_its_own_suite_before_other_suites(toy_suite) -> None:
+    from bench.protocol import estimate, step_cells
+
+    planned = {c.cell_id: c for s in FOUR.steps for c in step_cells(FOUR, toy_suite, s, ["toy-scale"])}
+    # every planned kind timed at 1 s on this suite and at 100 s on another: only this suite's times count
+    records = [CellRecord(cell_id=f"{suite}{i}", kind=c.kind, suite=suite, victim=c.victim, partners=c.partners,
+                          defense=c.defense_label, attack=c.attack_label, merge=c.merge_label, seed=0, status="ok",
+                          filling=c.filling, provenance={"wall_seconds": wall})
+               for suite, wall in ((toy_suite.name, 1.0), ("elsewhere", 100.0))
+               for i, c in enumerate(planned.values())]
+    rows = estimate(FOUR, toy_suite, ["toy-scale"], [], CellTimes(records))
+    assert sum(r.seconds for r in rows[:4]) == len(planned)
+    assert rows[-1].seconds == 15.0  # 3 victims x 5 cells at 1 s
+
+
+def test_describe_writes_every_field_of_the_protocol() -> None:
+    assert PROTOCOL.describe() == {
+        "name": "p", "version": "0", "description": "", "break_threshold": 0.9, "seeds": [0], "partners": "rest",
+        "params": {}, "budget": {"labelled": 256, "unlabelled": 1024, "finetune_steps": 1000, "knows_defense": True},
+        "steps": [{"index": 0, "attack": "none", "merge": "ta", "group": "plain merge", "evaluate": "all"},
+                  {"index": 1, "attack": "realign", "merge": "ta", "group": "algebraic", "evaluate": "victim"},
+                  {"index": 2, "attack": "none", "merge": "ties", "group": "custom", "evaluate": "victim"}],
+        "omitted": {}, "replicate_seeds": [1],
+    }
+
+
+def test_an_unknown_protocol_names_every_known_one(monkeypatch) -> None:
+    monkeypatch.setitem(PROTOCOLS, "p", PROTOCOL)
+    with pytest.raises(ProtocolError, match=r"^unknown protocol 'nope'; known: p, standard$"):
+        get_protocol("nope")
+
+
+def test_signal_reads_the_reference_rows_plain_merge_pairs_in_step_order() -> None:
+    def pair(attack: str, merge: str, gain: float) -> SimpleNamespace:
+        return SimpleNamespace(attack=attack, merge=merge, v_unprotected=0.9, v_counterfactual=0.9 - gain, gain=gain,
+                               gain_ci=(gain - 0.1, gain + 0.1), informative=True, examples=100)
+
+    victims = [SimpleNamespace(victim="b", pairs=[pair("realign", "ta", 0.5), pair("none", "ties", 0.4),
+                                                  pair("none", "ta", 0.3)]),
+               SimpleNamespace(victim="a", pairs=[pair("none", "ta", 0.2)])]
+
+    class Scores:
+        def victim_scores(self, suite: str, defense: str) -> list:
+            assert (suite, defense) == ("s", "none")
+            return victims
+
+    # PROTOCOL's plain-attack steps are none / ta and none / ties; an undo attack's pair is no signal
+    rows = signal(Scores(), PROTOCOL, "s")
+    assert [(r["victim"], r["merge"], r["gain"]) for r in rows] == [("a", "ta", 0.2), ("b", "ta", 0.3),
+                                                                    ("b", "ties", 0.4)]
+    assert rows[0] == {"victim": "a", "merge": "ta", "v_unprotected": 0.9, "v_counterfactual": 0.9 - 0.2,
+                       "gain": 0.2, "gain_ci": (0.2 - 0.1, 0.2 + 0.1), "informative": True, "examples": 100}
+
+
+def test_scope_walks_each_plannable_suite_and_names_those_it_cannot_plan(toy_suite, tmp_path, monkeypatch) -> None:
+    from dataclasses import dataclass, replace
+
+    from bench.artifact import Artifact
+    from bench.plugins import Defense
+    from bench.protocol import scope
+    from bench.registry import RegistryError, defenses, suites
+    from bench.store import Store
+    from tests.test_protocol import _run, mini
+
+    protocol = mini()
+    with Store(tmp_path / "r.sqlite") as store:
+        _run(protocol, toy_suite, store, ["toy-scale"])
+        records = store.cells()
+    # a defense with only a utility cell stored is walked (its steps missing), and so is one with only merge cells
+    util = next(r for r in records if r.kind == "utility")
+    merge = next(r for r in records if r.kind == "merge" and r.filling == "protected")
+    records += [replace(util, cell_id="only-utility", defense="params"),
+                replace(merge, cell_id="only-merge", defense="mergelock"),
+                replace(util, cell_id="ghost", suite="a-ghost")]  # a suite not installed, sorted first
+
+    @dataclass(frozen=True)
+    class NoParams:
+        """No parameters."""
+
+    monkeypatch.setattr(defenses, "_entries", dict(defenses._entries))
+
+    @defenses.register("conv-only")
+    class ConvOnly(Defense):
+        """Acts on convolutions only."""
+
+        name = "conv-only"
+        Params = NoParams
+        applies_to = frozenset({"convolution"})
+
+        def protect(self, expert, ctx):
+            return Artifact(state=dict(expert.body))
+
+    made: list[object] = []
+    real_get = suites.get
+
+    def get(name: str):
+        if name == "a-ghost":
+            raise RegistryError("unknown suite 'a-ghost'")
+        made.append(name)
+        return lambda cache_dir=None: made.append(cache_dir) or real_get(name)(cache_dir=cache_dir)
+
+    monkeypatch.setattr(suites, "get", get)
+    sc = scope(records, protocol, cache_dir=str(toy_suite.cache_dir))
+    assert sc.skipped_suites == {"a-ghost": "unknown suite 'a-ghost'"}
+    assert made == [toy_suite.name, str(toy_suite.cache_dir)]  # the suite is built on the cache it was given
+    assert set(sc.walks) == {toy_suite.name} and sc.walks[toy_suite.name].suite == toy_suite.name
+    walked = {d for (_s, d, _v) in sc.missing}
+    assert walked == {"toy-scale", "params", "mergelock"}
+    assert all(sc.missing[(toy_suite.name, "params", v)] for v in toy_suite.tasks)  # it ran nothing
+    reason = next(r for s, d, r in sc.not_applicable if (s, d) == (toy_suite.name, "conv-only"))
+    assert "convolution" in reason and {d for _s, d, _r in sc.not_applicable} == {"conv-only"}
+
+
+def test_a_victim_without_a_worst_pair_gets_no_replicates(toy_suite, tmp_path) -> None:
+    from dataclasses import replace
+
+    from bench.protocol import walk
+    from bench.store import Store
+    from tests.test_protocol import _run, mini
+
+    protocol = replace(mini(), replicate_seeds=(1,))
+    with Store(tmp_path / "r.sqlite") as store:
+        _run(protocol, toy_suite, store, ["toy-scale"])
+        records = store.cells()
+    # on victim v every reference merge scores what θ_pre's does: no pair has a gain, so none is the worst
+    v = toy_suite.tasks[0]
+    zero = next(m for r in records if r.victim == v and r.filling == "counterfactual" for m in r.metrics
+                if (m.role, m.task) == ("merged", v))
+    flat = [replace(r, metrics=tuple(zero if (m.role, m.task) == ("merged", v) else m for m in r.metrics))
+            if r.victim == v and r.kind == "merge" and r.filling != "protected" else r for r in records]
+    result = walk(protocol, toy_suite, flat, ["toy-scale"])
+    replicated = {victim: w.replicated for (_d, victim), w in result.victims.items()}
+    assert replicated[v] is None
+    assert all(replicated[t] for t in toy_suite.tasks if t != v)
+    assert not any(m.startswith("replicates") for m in result.victims[("toy-scale", v)].missing)
