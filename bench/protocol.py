@@ -403,12 +403,11 @@ class Walker:
 
     def account_replicates(self, by_id: Mapping[str, CellRecord]) -> None:
         """Mark the replicate cells (`replicates`) read, and each pair whose replicates are not all stored as
-        missing them."""
+        missing them (the planned cells hold each protected cell's references, so all of them done is enough)."""
         for (d, v), cells in self._replicated.items():
             w = self.state[(d, v)]
             self.seen.update(c.cell_id for c in cells)
-            done = all(_done(by_id.get(c.cell_id)) and (c.kind != "merge" or c.filling != "protected"
-                                                         or _references_done(c, by_id)) for c in cells)
+            done = all(_done(by_id.get(c.cell_id)) for c in cells)
             label = f"replicates of {w.replicated}"
             if not done and label not in w.missing:
                 w.missing.append(label)

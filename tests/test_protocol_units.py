@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from types import SimpleNamespace
 
 import pytest
@@ -302,3 +303,81 @@ def test_a_victim_without_a_worst_pair_gets_no_replicates(toy_suite, tmp_path) -
     assert replicated[v] is None
     assert all(replicated[t] for t in toy_suite.tasks if t != v)
     assert not any(m.startswith("replicates") for m in result.victims[("toy-scale", v)].missing)
+
+
+def test_a_cell_is_done_when_ok_or_na_by_structure_never_when_failed_missing_or_over_budget() -> None:
+    from bench.protocol import _done
+
+    def na(prov: dict | None) -> CellRecord:
+        return CellRecord(cell_id="n", kind="merge", suite="s", victim="v", partners=(), defense="d", attack="a",
+                          merge="m", seed=0, status="na", provenance=prov)  # type: ignore[arg-type]
+
+    assert _done(_rec(1, "merge")) and not _done(None)
+    assert not _done(_rec(2, "merge", status="failed"))
+    failed_structural = CellRecord(**{**_rec(3, "merge", status="failed").__dict__,
+                                      "provenance": {"na_kind": "structural"}})
+    assert not _done(failed_structural)  # a failed cell is never done, whatever its provenance says
+    # an N/A cell is done (it records why it cannot run) unless the budget made it N/A: a larger one may run it
+    assert _done(na({"na_kind": "structural"})) and _done(na({})) and _done(na(None))
+    assert not _done(na({"na_kind": "budget"}))
+
+
+def test_each_step_report_counts_what_ran_and_logs_the_breaks_and_the_defenses_still_unbroken(toy_suite,
+                                                                                              tmp_path) -> None:
+    from dataclasses import replace
+
+    from bench.executors.local import run_local
+    from bench.protocol import REPLICATES, run_protocol
+    from bench.store import Store
+    from tests.test_protocol import mini
+
+    protocol = replace(mini(), replicate_seeds=(1,))
+    given: list[int] = []
+    sums: list[SimpleNamespace] = []
+    logs: list[str] = []
+    with Store(tmp_path / "r.sqlite") as store:
+        def run_cells(cells):
+            given.append(len(cells))
+            done = run_local(toy_suite, store, cells, run_id="p", log=lambda m: None)
+            # reported as if 2 more were N/A and 1 more failed: a report adds up what the executor says
+            sums.append(SimpleNamespace(ok=done.ok, na=done.na + 2, failed=done.failed + 1))
+            return sums[-1]
+
+        result, reports = run_protocol(protocol, toy_suite, store, ["toy-scale", "params", "mergelock"], run_cells,
+                                       log=logs.append)
+    assert [r.index for r in reports] == [0, 1, 2, 3] and [r.step for r in reports] == [*protocol.steps, REPLICATES]
+    assert [r.cells for r in reports] == given
+    assert [r.ran for r in reports] == [s.ok + s.na + s.failed for s in sums]
+    assert [r.failed for r in reports] == [s.failed for s in sums] and all(s.failed >= 1 for s in sums)
+    assert all(0 <= r.seconds < 600 for r in reports) and reports[-1].broken == []
+    broken = [r.broken for r in reports[:-1]]
+    assert broken[0] == sorted(broken[0]) and sum(len(b) for b in broken) >= 2
+    first = broken[0]
+    # the first log line names every pair the step broke, joined by ', ', and the defenses still unbroken
+    assert f"broken now: {', '.join(f'{d} on {v}' for d, v in first)}" in logs[0] if first else "broken now" not in logs[0]
+    alive = sorted({w.defense for w in result.victims.values() if w.broken_at is None or w.broken_at > 0})
+    assert logs[0].endswith(f"still unbroken somewhere: {', '.join(alive) if alive else 'none'}")
+    assert len(alive) >= 2  # so the join is seen
+    # a step that breaks nothing says only who is still unbroken
+    assert re.fullmatch(rf"\[protocol mini v0\] step 2/3 revert-to-base / ta: {reports[1].ran} cells run in \d+s; "
+                        rf"still unbroken somewhere: {', '.join(alive)}", logs[1]) and not broken[1]
+    assert re.fullmatch(rf"\[protocol mini v0\] replicates \(seeds 1 on each pair's worst step\): {reports[-1].ran} "
+                        r"cells run in \d+s", logs[-1])
+
+
+def test_a_victim_slice_runs_that_victims_replicates_only(toy_suite, tmp_path) -> None:
+    from dataclasses import replace
+
+    from bench.executors.local import run_local
+    from bench.protocol import run_protocol
+    from bench.store import Store
+    from tests.test_protocol import mini
+
+    protocol = replace(mini(), replicate_seeds=(1,))
+    v = toy_suite.tasks[1]
+    with Store(tmp_path / "r.sqlite") as store:
+        run_protocol(protocol, toy_suite, store, ["toy-scale"],
+                     lambda cells: run_local(toy_suite, store, cells, run_id="p", log=lambda m: None),
+                     victims=[v], log=lambda m: None)
+        stored = store.cells()
+    assert {r.victim for r in stored} == {v} and {r.seed for r in stored} == {0, 1}
