@@ -335,6 +335,10 @@ def test_a_defense_that_cannot_act_on_the_architecture_stops_after_the_first_ste
         refs = {(r.victim, r.attack, r.merge) for r in store.cells(kind="merge") if r.filling == "unprotected"}
     assert all(not w.applicable and not w.missing for w in result.victims.values())
     assert {(r.attack, r.merge) for r in protected} == {("none", "ties")} and all(r.status == "na" for r in protected)
+    # each victim's walk keeps why: the first step's N/A reason, under that step's label
+    reasons = {r.victim: r.reason for r in protected}
+    assert all(reasons.values()) and {k: w.na for k, w in result.victims.items()} == {
+        ("conv-only", v): {protocol.steps[0].label: reasons[v]} for v in toy_suite.tasks}
     # no defense is active, so only the plain steps' references (the signal table) run
     assert {(a, m) for _, a, m in refs} == {("none", "ties"), ("none", "ta")}
     assert "still unbroken somewhere: none" in logs[-1]

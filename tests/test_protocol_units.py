@@ -381,3 +381,31 @@ def test_a_victim_slice_runs_that_victims_replicates_only(toy_suite, tmp_path) -
                      victims=[v], log=lambda m: None)
         stored = store.cells()
     assert {r.victim for r in stored} == {v} and {r.seed for r in stored} == {0, 1}
+
+
+def test_a_later_steps_references_run_only_on_victims_where_a_defense_is_still_unbroken(toy_suite, tmp_path) -> None:
+    from bench.executors.local import run_local
+    from bench.protocol import run_protocol
+    from bench.store import Store
+    from tests.test_protocol import mini
+
+    protocol = mini()
+    handed: list[list] = []
+    with Store(tmp_path / "r.sqlite") as store:
+        def run_cells(cells):
+            handed.append(list(cells))
+            return run_local(toy_suite, store, cells, run_id="p", log=lambda m: None)
+
+        result, _ = run_protocol(protocol, toy_suite, store, ["toy-scale", "params"], run_cells, log=lambda m: None)
+    unbroken = {v for (_d, v), w in result.victims.items() if w.broken_at is None}
+    broken_everywhere = set(toy_suite.tasks) - unbroken
+    assert unbroken and broken_everywhere  # both kinds of victim, so the rule is seen both ways
+    assert all(w.na == {} for w in result.victims.values())  # every cell ran: no step is N/A anywhere
+
+    def refs(k: int) -> set[str]:
+        return {c.victim for c in handed[k] if c.kind == "merge" and c.filling != "protected"}
+
+    # step 2 is algebraic: its references (none / ta's) only where some defense is still unbroken ...
+    assert refs(1) == unbroken
+    # ... step 3 is a plain merge: its references on every victim (the suite's signal table)
+    assert refs(2) == set(toy_suite.tasks)
