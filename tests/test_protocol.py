@@ -34,6 +34,33 @@ def mini(threshold: float = 0.9) -> Protocol:
                                           Step("none", "ta", "plain merge", "all")))
 
 
+def register_conv_only(monkeypatch) -> None:
+    """Register, for one test, a defense ``conv-only`` that acts on convolutions only (nothing to do on the toy
+    BERT): the planner marks its cells N/A for the architecture."""
+    from dataclasses import dataclass
+
+    from bench.artifact import Artifact
+    from bench.plugins import Defense
+    from bench.registry import defenses
+
+    monkeypatch.setattr(defenses, "_entries", dict(defenses._entries))
+
+    @dataclass(frozen=True)
+    class NoParams:
+        """No parameters."""
+
+    @defenses.register("conv-only")
+    class ConvOnly(Defense):
+        """Acts on convolutions only: nothing to do on the toy BERT."""
+
+        name = "conv-only"
+        Params = NoParams
+        applies_to = frozenset({"convolution"})
+
+        def protect(self, expert, ctx):
+            return Artifact(state=dict(expert.body))
+
+
 def _run(protocol, suite, store, defenses):
     logs: list[str] = []
 
@@ -303,30 +330,9 @@ def test_a_new_defense_reuses_the_published_references_and_computes_only_its_own
 
 def test_a_defense_that_cannot_act_on_the_architecture_stops_after_the_first_step(toy_suite, tmp_path,
                                                                                   monkeypatch) -> None:
-    from dataclasses import dataclass
-
-    from bench.artifact import Artifact
-    from bench.plugins import Defense
-    from bench.registry import defenses
     from leaderboard import export as lb_export
 
-    monkeypatch.setattr(defenses, "_entries", dict(defenses._entries))
-
-    @dataclass(frozen=True)
-    class NoParams:
-        """No parameters."""
-
-    @defenses.register("conv-only")
-    class ConvOnly(Defense):
-        """Acts on convolutions only: nothing to do on the toy BERT."""
-
-        name = "conv-only"
-        Params = NoParams
-        applies_to = frozenset({"convolution"})
-
-        def protect(self, expert, ctx):
-            return Artifact(state=dict(expert.body))
-
+    register_conv_only(monkeypatch)
     protocol = mini(threshold=1.01)
     path = tmp_path / "r.sqlite"
     with Store(path) as store:

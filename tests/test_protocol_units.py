@@ -223,14 +223,12 @@ def test_signal_reads_the_reference_rows_plain_merge_pairs_in_step_order() -> No
 
 
 def test_scope_walks_each_plannable_suite_and_names_those_it_cannot_plan(toy_suite, tmp_path, monkeypatch) -> None:
-    from dataclasses import dataclass, replace
+    from dataclasses import replace
 
-    from bench.artifact import Artifact
-    from bench.plugins import Defense
     from bench.protocol import scope
-    from bench.registry import RegistryError, defenses, suites
+    from bench.registry import RegistryError, suites
     from bench.store import Store
-    from tests.test_protocol import _run, mini
+    from tests.test_protocol import _run, mini, register_conv_only
 
     protocol = mini()
     with Store(tmp_path / "r.sqlite") as store:
@@ -243,22 +241,7 @@ def test_scope_walks_each_plannable_suite_and_names_those_it_cannot_plan(toy_sui
                 replace(merge, cell_id="only-merge", defense="mergelock"),
                 replace(util, cell_id="ghost", suite="a-ghost")]  # a suite not installed, sorted first
 
-    @dataclass(frozen=True)
-    class NoParams:
-        """No parameters."""
-
-    monkeypatch.setattr(defenses, "_entries", dict(defenses._entries))
-
-    @defenses.register("conv-only")
-    class ConvOnly(Defense):
-        """Acts on convolutions only."""
-
-        name = "conv-only"
-        Params = NoParams
-        applies_to = frozenset({"convolution"})
-
-        def protect(self, expert, ctx):
-            return Artifact(state=dict(expert.body))
+    register_conv_only(monkeypatch)
 
     made: list[object] = []
     real_get = suites.get
