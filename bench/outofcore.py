@@ -347,7 +347,7 @@ class TopMagnitude:
         self.level = 0
         self.prefix = 0
         self.seen = 0
-        self.counts = torch.zeros(1 << 15, dtype=torch.int64)
+        self.counts = torch.zeros(1 << 15, dtype=torch.int64, device="cpu")  # moved to the magnitudes' device by `add`
         self._value: torch.Tensor | None = None
 
     def add(self, magnitudes: torch.Tensor) -> None:
@@ -367,7 +367,7 @@ class TopMagnitude:
         # bucket b such that fewer than `rank` entries lie above it and at least `rank` from it up
         counts = self.counts.cpu()
         from_top = counts.flip(0).cumsum(0)
-        idx = int(torch.searchsorted(from_top, torch.tensor(self.rank)))
+        idx = int(torch.searchsorted(from_top, torch.tensor(self.rank, device="cpu")))
         bucket = counts.numel() - 1 - idx
         self.rank -= int(from_top[idx]) - int(counts[bucket])
         return bucket
@@ -389,7 +389,7 @@ class TopMagnitude:
             if self.level != 1:
                 raise RuntimeError("TopMagnitude.value needs both passes")
             low = self._pick()
-            self._value = torch.tensor([(self.prefix << 16) | low], dtype=torch.int32).view(torch.float32)[0]
+            self._value = torch.tensor([(self.prefix << 16) | low], dtype=torch.int32, device="cpu").view(torch.float32)[0]
         return self._value
 
 

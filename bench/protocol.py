@@ -237,8 +237,6 @@ def step_cells(protocol: Protocol, suite: Suite, step: Step, defense_names: Sequ
             if c.filling == "unprotected" and (attack_label(c.attack), step.merge) in everywhere:
                 c = replace(c, evaluate_partners=True)
             cells.append(c)
-    if not any(c.kind == "merge" for c in cells):
-        raise ProtocolError(f"step {step.label} plans no merge cell: is attack {step.attack!r} registered?")
     return cells
 
 

@@ -46,7 +46,7 @@ def check_drop_rate(p: float) -> None:
 
 def _advance(generator: torch.Generator, draws: int, chunk: int) -> None:
     """Move ``generator`` past ``draws`` float32 uniforms, ``chunk`` at a time (as if they had been drawn)."""
-    buffer = torch.empty(max(1, min(draws, chunk)))
+    buffer = torch.empty(max(1, min(draws, chunk)), device="cpu")  # a CPU generator draws into CPU memory
     while draws > 0:
         n = min(draws, buffer.numel())
         buffer[:n].uniform_(generator=generator)
@@ -87,10 +87,10 @@ class DropMasks:
         if self.p == 0:  # every entry kept: the same result without drawing
             return tau
         if tau.device.type == "cpu":
-            draws = scratch if scratch is not None else torch.empty(tau.shape)
+            draws = scratch if scratch is not None else torch.empty(tau.shape, device="cpu")
             draws.uniform_(generator=self.generators[i]).ge_(self.p)
         else:  # the generators are CPU ones: the same draws, moved to τ's device
-            draws = torch.empty(tau.shape).uniform_(generator=self.generators[i]).ge_(self.p).to(tau.device)
+            draws = torch.empty(tau.shape, device="cpu").uniform_(generator=self.generators[i]).ge_(self.p).to(tau.device)
         tau.mul_(draws.view(tau.shape))
         return tau.div_(1.0 - self.p) if self.rescale else tau
 

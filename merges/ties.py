@@ -99,7 +99,7 @@ def trim_(tau: torch.Tensor, threshold: torch.Tensor) -> torch.Tensor:
     """
     if bool(torch.isnan(threshold)):  # every magnitude compares false: as the mask does
         return tau.mul_(tau.abs() >= threshold)
-    below = float(torch.nextafter(threshold.float(), torch.tensor(float("-inf"))))
+    below = float(torch.nextafter(threshold.float(), threshold.new_tensor(float("-inf"), dtype=torch.float32)))
     return torch.ops.aten.hardshrink.out(tau, below, out=tau)
 
 
@@ -138,7 +138,7 @@ class TiesWorkspace:
     Reusing them keeps a merge from allocating (and page-faulting in) fresh memory for every block.
     """
 
-    def __init__(self, n: int, size: int, device: torch.device | str = "cpu") -> None:
+    def __init__(self, n: int, size: int, device: torch.device | str) -> None:
         self.stacked = torch.empty((n, size), device=device)
         self.sign, self.free, self.total, self.count, self.scratch = (torch.empty(size, device=device) for _ in range(5))
 

@@ -843,3 +843,148 @@ def test_trim_with_a_nan_threshold_keeps_nothing_as_the_mask_does():
     # a NaN threshold (a task vector with NaN magnitudes) compares false everywhere, as tau * (|tau| >= t) does
     assert torch.equal(trim_(T([1.0, -2.0, 3.0]), T(float("nan"))), T([0.0, 0.0, 0.0]))
     assert torch.equal(trim_(T([1.0, -2.0, 2.0, 3.0]), T(2.0)), T([0.0, -2.0, 2.0, 3.0]))  # |τ| = t is kept
+
+
+# ---------------------------------------------------------------- devices and memory
+
+
+@pytest.mark.parametrize("name", TENSORWISE)
+def test_merges_allocate_on_the_experts_device_whatever_the_default_device(name):
+    # `torch.set_default_device("cuda")` is common; a buffer made on the default device instead of the
+    # experts' (or a DARE draw made off the CPU generators' device) breaks the merge. Meta stands in for the
+    # other device: the merge of CPU experts must be the same, whole and in row blocks, under it.
+    from bench.outofcore import merged_tensor
+
+    base, experts = random_model(4, 3)
+    method = merges.get(name)
+    params = params_dict(method.parse({}))
+    expected = {n: [merged_tensor(method, base, experts, params, n, seed=2, block_elements=b) for b in (10**9, 7)]
+                for n in base}
+    torch.set_default_device("meta")
+    try:
+        got = {n: [merged_tensor(method, base, experts, params, n, seed=2, block_elements=b) for b in (10**9, 7)]
+               for n in base}
+    finally:
+        torch.set_default_device(None)
+    for n in base:
+        for e, g in zip(expected[n], got[n]):
+            assert g.device.type == "cpu" and torch.equal(e + 0.0, g + 0.0), n
+
+
+def test_ties_global_and_the_election_allocate_on_the_experts_device_whatever_the_default_device():
+    base, experts = random_model(5, 3)
+    trimmed = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
+    expected = ([ties_merge_global(base, experts, k=0.3, lambda_=1.0, aggregate="mean", block_elements=b)
+                 for b in (10**9, 7)], elect_and_merge(trimmed, "mean", None))
+    torch.set_default_device("meta")
+    try:
+        got = ([ties_merge_global(base, experts, k=0.3, lambda_=1.0, aggregate="mean", block_elements=b)
+                for b in (10**9, 7)], elect_and_merge(trimmed, "mean", None))
+    finally:
+        torch.set_default_device(None)
+    for e, g in zip(expected[0], got[0]):
+        assert all(g[n].device.type == "cpu" and torch.equal(e[n] + 0.0, g[n] + 0.0) for n in base)
+    assert torch.equal(expected[1][0], got[1][0]) and expected[1][1:] == got[1][1:]
+
+
+@pytest.mark.parametrize("default_device", [None, "meta"])
+def test_dare_draws_its_masks_with_the_cpu_generator_and_applies_them_on_taus_device(default_device):
+    from bench.outofcore import TensorSpec, row_blocks
+    from merges.dare import DropMasks
+
+    def cpu(*shape: int) -> torch.Tensor:
+        return torch.empty(shape, device="cpu")
+
+    shape = (4, 5)
+    masks = DropMasks(torch.Generator().manual_seed(7), TensorSpec("w", shape, 2, (row_blocks(shape, 20)[0],)), 0.5,
+                      rescale=True)
+    reference = torch.Generator().manual_seed(7)
+    torch.set_default_device(default_device)  # whatever the default device, the draws are the CPU generator's
+    try:
+        # expert 0's τ on another device (meta): masked there, after exactly 20 uniforms drawn on the CPU
+        out = masks.apply(0, torch.empty(shape, device="meta"))
+        assert out.device.type == "meta" and out.shape == shape
+        cpu(20).uniform_(generator=reference)
+        assert torch.equal(masks.generators[0].get_state(), reference.get_state())
+        # expert 1 (same stream, whole tensor): the next 20 uniforms, kept where ≥ p, survivors ÷ (1 − p); drawn
+        # into the caller's scratch when given (it ends up holding the 0/1 mask), else into a buffer of its own
+        keep = (cpu(20).uniform_(generator=reference) >= 0.5).float()
+        state = masks.generators[1].get_state()
+        scratch = cpu(20).fill_(float("nan"))
+        assert torch.equal(masks.apply(1, cpu(*shape).fill_(1.0), scratch), keep.view(shape) / 0.5)
+        assert torch.equal(scratch, keep)
+        masks.generators[1].set_state(state)
+        assert torch.equal(masks.apply(1, cpu(*shape).fill_(1.0)), keep.view(shape) / 0.5)
+    finally:
+        torch.set_default_device(None)
+
+
+class _Allocations:
+    """Counts the tensors of at least ``min_numel`` entries that ATen ops return in new memory (not a view,
+    an ``out=`` or an in-place result of one of their inputs) while active."""
+
+    def __init__(self, min_numel: int) -> None:
+        self.min_numel, self.count = min_numel, 0
+
+    def __enter__(self):
+        from torch.utils._python_dispatch import TorchDispatchMode
+        from torch.utils._pytree import tree_flatten
+
+        counter = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                inputs = {t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs or {}))[0]
+                          if isinstance(t, torch.Tensor)}
+                out = func(*args, **(kwargs or {}))
+                counter.count += sum(1 for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)
+                                     and t.numel() >= counter.min_numel and t.untyped_storage().data_ptr() not in inputs)
+                return out
+
+        self._mode = Mode()
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._mode.__exit__(*exc)
+
+
+@pytest.mark.parametrize("name,params", [("wa", {}), ("ta", {}), ("ties", {"k": "1.0"}), ("dare-ta", {}),
+                                         ("dare-ties", {})])
+def test_a_merge_reuses_its_buffers_for_every_expert_and_every_block(name, params):
+    # A 64x16 tensor, whole or in 4 row blocks of 16x16 (the size counted). Each job holds a fixed set of
+    # block buffers (τ_i, DARE's draws, the TIES workspace) reused for every expert and block, so:
+    # - the count does not depend on the number of experts (2 or 5);
+    # - in blocks it is the whole merge's plus one merged block per block (the whole merge's one merged block
+    #   is its output; in blocks the output is one more tensor, the first block's place) ...
+    # - ... plus, for DARE, one buffer per expert after the first that positions its generator in the stream.
+    from bench.outofcore import merged_tensor
+
+    method = merges.get(name)
+    parsed = params_dict(method.parse(params))
+    counts = {}
+    for n in (2, 5):
+        g = torch.Generator().manual_seed(n)
+        base = {"w": torch.randn(64, 16, generator=g)}
+        experts = [{"w": base["w"] + torch.randn(64, 16, generator=g)} for _ in range(n)]
+        for blocks, elements in ((1, 10**9), (4, 256)):
+            with _Allocations(256) as a:
+                merged_tensor(method, base, experts, parsed, "w", seed=1, block_elements=elements)
+            counts[n, blocks] = a.count
+    assert counts[2, 1] == counts[5, 1]
+    for n in (2, 5):
+        assert counts[n, 4] == counts[n, 1] + 4 + (n - 1 if name.startswith("dare") else 0)
+    if name == "wa":  # the running sum is the only tensor: float32 experts are added without a conversion buffer
+        assert counts[2, 1] == 1
+
+
+def test_weight_average_converts_other_dtypes_through_one_reused_buffer():
+    from bench.outofcore import merged_tensor
+
+    method = merges.get("wa")
+    for n in (2, 5):
+        base = {"w": torch.zeros(64, 16, dtype=torch.float16)}
+        experts = [{"w": torch.full((64, 16), float(i), dtype=torch.float16)} for i in range(n)]
+        with _Allocations(256) as a:
+            out = merged_tensor(method, base, experts, {}, "w", float32=True)
+        assert a.count == 2 and torch.equal(out, torch.full((64, 16), (n - 1) / 2))  # the sum and one buffer

@@ -103,3 +103,22 @@ def test_breaks_read_the_selection_half_at_a_later_step_and_skip_what_follows(to
     assert victims[b]["broken"] is False
     assert victims[c]["best_recovered"] == 1.0 and victims[c]["broken"] is True
     assert entry["summary"]["broken_on"] == [c]
+
+
+def test_a_selection_recovered_equal_to_the_threshold_breaks_and_the_walk_keeps_each_pairs_recovered(toy_suite) -> None:
+    from dataclasses import replace
+
+    a, b, c = toy_suite.tasks[:3]
+
+    def outcome(victim, k, sel, held):
+        if k != 1:
+            return np.zeros(N)
+        return _half(sel) if victim == a else _half(held) if victim == b else np.zeros(N)
+
+    at_one = replace(PROTOCOL, break_threshold=1.0)
+    w = walk(at_one, toy_suite, _stored(toy_suite, outcome), ["toy-scale"])
+    # a recovers exactly 1.0 of its gain on the selection half: "reached the threshold" includes equality
+    assert w.victims[("toy-scale", a)].broken_at == 1 and w.victims[("toy-scale", a)].recovered == 1.0
+    # b and c recover nothing the selection half can see, at every step: unbroken, recovered 0 after the last
+    for v in (b, c):
+        assert w.victims[("toy-scale", v)].broken_at is None and w.victims[("toy-scale", v)].recovered == 0.0

@@ -392,3 +392,64 @@ def test_a_later_steps_references_run_only_on_victims_where_a_defense_is_still_u
     assert refs(1) == unbroken
     # ... step 3 is a plain merge: its references on every victim (the suite's signal table)
     assert refs(2) == set(toy_suite.tasks)
+
+
+# a protocol whose every setting differs from the defaults, so a step that drops one plans other cells
+TUNED = Protocol(name="tuned", version="0", break_threshold=0.9, seeds=(0,), partners="pairs",
+                 params={"merge-finetune": {"steps": "3", "samples": "16"}, "ta": {"lambda_": "0.5"}},
+                 budget=AttackNeeds(anchor=True, labelled=16, unlabelled=0, finetune_steps=3, knows_defense=True),
+                 steps=(Step("none", "ta", "plain merge", "all"), Step("merge-finetune", "ta", "fine-tuning", "victim")))
+
+
+def test_a_step_plans_under_the_protocols_own_partners_params_budget_and_evaluation(toy_suite) -> None:
+    from dataclasses import replace
+
+    from bench.protocol import step_cells
+
+    victim = toy_suite.tasks[0]
+    others = {(t,) for t in toy_suite.tasks[1:]}
+    cells = step_cells(TUNED, toy_suite, TUNED.steps[1], ["toy-scale"], [victim])
+    merges = [c for c in cells if c.kind == "merge"]
+    # pairs: one merge per other task and filling, each with that task alone as partner
+    assert sorted(c.filling for c in merges) == ["counterfactual", "counterfactual", "protected", "protected",
+                                                 "unprotected", "unprotected"]
+    assert {c.partners for c in merges} == others
+    # the protocol's params reach the merge and the attack, and the references are the attack's own
+    # counterpart (a data-using attack: itself, at the same params)
+    assert all(c.merge.spec()["params"] == {"lambda_": 0.5} for c in merges)
+    assert all(c.attack.spec()["params"]["steps"] == 3 and c.attack.spec()["params"]["samples"] == 16 for c in merges)
+    # evaluate="victim": no merge of this step is evaluated on the partners (merge-finetune / ta is no
+    # evaluate-all step, so its unprotected cells are not either)
+    assert not any(c.evaluate_partners for c in merges)
+    # the budget allows the 16 samples: nothing is N/A; a budget of 8 makes every merge cell N/A by budget
+    assert not any(c.na_reason for c in merges)
+    poor = replace(TUNED, budget=replace(TUNED.budget, labelled=8))
+    assert {(c.na_kind, "needs 16 labelled, budget allows 8" in c.na_reason)
+            for c in step_cells(poor, toy_suite, poor.steps[1], ["toy-scale"], [victim]) if c.kind == "merge"} == \
+        {("budget", True)}
+
+
+def test_merge_cells_out_of_budget_leave_the_defense_applicable(toy_suite) -> None:
+    from dataclasses import replace
+
+    from bench.protocol import walk
+
+    # every merge cell of the first step is N/A by budget; the defense still acts on the architecture
+    poor = replace(TUNED, budget=replace(TUNED.budget, labelled=8), steps=TUNED.steps[::-1])
+    w = walk(poor, toy_suite, [], ["toy-scale"])
+    assert {v.applicable for v in w.victims.values()} == {True}
+    assert {tuple(v.missing) for v in w.victims.values()} == {("merge-finetune / ta", "none / ta")}
+
+
+def test_stamp_merges_and_missing_name_what_the_export_prints() -> None:
+    from bench.protocol import VictimWalk, Walk
+
+    assert PROTOCOL.stamp() == {"name": "p", "version": "0"}
+    # each merge once, in the order of the steps
+    assert PROTOCOL.merges() == ["ta", "ties"]
+    w = Walk(protocol=PROTOCOL, suite="s", cell_ids=set(), victims={
+        ("d", "v2"): VictimWalk("d", "v2", missing=["none / ta", "realign / ta"]),
+        ("d", "v1"): VictimWalk("d", "v1", missing=["realign / ta"]),
+        ("e", "v1"): VictimWalk("e", "v1", missing=["none / ties"])})
+    assert w.missing("d") == ["v1: realign / ta", "v2: none / ta", "v2: realign / ta"]
+    assert w.missing("e") == ["v1: none / ties"] and w.missing("f") == []
