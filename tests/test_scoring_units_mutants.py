@@ -886,3 +886,59 @@ def test_select_worst_pair_lower_bound_is_the_two_and_a_half_percentile_of_the_s
     out = select_worst_pair([spread, flat19], [True, True], sel, held, np.ones((1, 8)), np.ones((41, 1)),
                             selection_counts=sel_counts)
     assert out.index == 0
+
+
+# ---------------------------------------------------------------- the planner's counterpart rule
+
+
+def test_a_protected_cells_protected_counterpart_is_itself_and_bad_input_is_named() -> None:
+    spec = merge_spec("v", ("p",), 0, "params", "realign", "ta")
+    # the protected filling keeps the defense and the attack: the cell's own spec, hence its own store key
+    assert counterpart_spec(spec, "protected") == spec and spec_id(counterpart_spec(spec, "protected")) == spec_id(spec)
+    # the references drop the defense and run the honest counterpart (a data-free undo attack: the plain merge)
+    for filling in ("unprotected", "counterfactual"):
+        ref = counterpart_spec(spec, filling)
+        assert ref["defense"] is None and ref["attack"]["name"] == "none" and ref["filling"] == filling
+    with pytest.raises(ValueError, match="only merge cells have counterparts; this is a 'utility' cell"):
+        counterpart_spec({**spec, "kind": "utility"}, "unprotected")
+    with pytest.raises(ValueError, match="unknown filling 'released'; use one of protected, unprotected, counterfactual"):
+        counterpart_spec(spec, "released")
+
+
+def test_a_composite_of_two_data_using_attacks_has_both_as_its_counterpart() -> None:
+    from bench.plugins import CompositeAttack
+    from bench.registry import attacks
+
+    fine = attacks.get("merge-finetune")
+    first, second = fine.from_overrides({"steps": "3"}), fine.from_overrides({"steps": "5"})
+    both = CompositeAttack([attacks.get("realign")(), first, second]).counterpart()
+    # realign's counterpart (none) is dropped; the two fine-tunes stay, in order
+    assert isinstance(both, CompositeAttack) and [s.params.steps for s in both.steps] == [3, 5]
+    assert CompositeAttack([attacks.get("realign")(), first]).counterpart() is first
+
+
+@pytest.mark.parametrize("needs,own", [({}, False), ({"labelled": 4}, True), ({"unlabelled": 4}, True),
+                                       ({"finetune_steps": 4}, True)])
+def test_an_attack_that_uses_any_data_is_its_own_counterpart(needs, own) -> None:
+    from bench.plugins import AttackNeeds
+    from bench.registry import attacks
+
+    attack = attacks.get("realign")()
+    attack.needs = lambda: AttackNeeds(**needs)  # labelled, unlabelled or fine-tuning alone is enough
+    assert (attack.counterpart() is attack) == own
+    assert own or attack.counterpart().name == "none"
+
+
+def test_only_an_unprotected_merge_that_tunes_for_no_victim_is_a_shared_reference() -> None:
+    from types import SimpleNamespace
+
+    from bench.plan import make_merge, shared_reference
+
+    def cell(merge: str, filling: str = "unprotected", kind: str = "merge") -> SimpleNamespace:
+        return SimpleNamespace(kind=kind, filling=filling, merge=make_merge(merge))
+
+    assert shared_reference(cell("adamerging-layer"))  # unlabelled data only: the same merge for every victim
+    assert not shared_reference(cell("adamerging-layer", "protected"))
+    assert not shared_reference(cell("adamerging-layer", "counterfactual"))
+    assert not shared_reference(cell("ta-tuned"))  # tunes λ on the victim's labelled samples
+    assert not shared_reference(cell("ta"))  # no data: computed per cell as any plain merge
