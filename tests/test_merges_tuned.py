@@ -94,7 +94,7 @@ def test_tuned_merges_declare_their_labelled_need_and_refuse_without_a_victim(to
         assert not method.tensorwise
     method = merges.get("ta-tuned")
     ctx = _ctx(toy_suite, victim="")
-    with pytest.raises(TuningError, match=r"needs the victim task it tunes for \(MergeContext\.victim\)"):
+    with pytest.raises(TuningError, match=r"^a tuned merge needs the victim task it tunes for \(MergeContext\.victim\)$"):
         method.merge(toy_suite.pretrained(), [toy_suite.expert("t10").body], method.Params(), ctx=ctx)
     assert merges.get("ta").labelled(merges.get("ta").Params()) == 0
 
@@ -302,3 +302,35 @@ def test_the_labelled_budget_is_at_least_one_sample(toy_suite) -> None:
     assert [len(b.labels) for b in labelled_victim_batches(ctx, 1)] == [1]
     with pytest.raises(TuningError, match="needs at least one labelled sample; got samples=0"):
         labelled_victim_batches(ctx, 0)
+
+
+def test_the_labelled_budget_cannot_exceed_the_victims_training_split(toy_suite) -> None:
+    from merges.tuned import TuningError, labelled_victim_batches
+
+    ctx = MergeContext(suite=toy_suite, tasks=["t10"], heads=[{}], victim="t10")
+    n = sum(len(b.labels) for b in toy_suite.batches("t10", "train", batch_size=7))  # counted independently
+    assert sum(len(b.labels) for b in labelled_victim_batches(ctx, n)) == n
+    with pytest.raises(TuningError, match=rf"^task 't10' has only {n} training samples; the tuned merge asks for {n + 1}$"):
+        labelled_victim_batches(ctx, n + 1)
+
+
+def test_linear_direction_keeps_every_buffer_wherever_it_comes_in_the_state_dict() -> None:
+    from merges.tuned import LinearDirection
+
+    base, experts = _linear_case()
+    # the integer buffer first: a tensor without a direction must not end the walk over the others
+    order = ["steps", "w", "h", "s"]
+    base, experts = {k: base[k] for k in order}, [{k: e[k] for k in order} for e in experts]
+    method = merges.get("ta")
+    merged = LinearDirection(method, base, experts, method.Params()).at(0.4)
+    expected = method.merge(base, experts, method.Params(lambda_=0.4))
+    assert list(merged) == order and all(torch.equal(merged[k], expected[k]) for k in order)
+
+
+def test_linear_direction_refuses_a_merge_without_block_jobs() -> None:
+    from merges.tuned import LinearDirection
+
+    base, experts = _linear_case()
+    method = merges.get("ties-global")  # merges the whole model at once: no per-tensor job to take D from
+    with pytest.raises(TypeError, match="has no finish\\(direction, base\\) step: its merge is not linear"):
+        LinearDirection(method, base, experts, method.Params())
