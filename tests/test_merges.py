@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from collections.abc import Iterator
@@ -860,12 +861,9 @@ def test_merges_allocate_on_the_experts_device_whatever_the_default_device(name)
     params = params_dict(method.parse({}))
     expected = {n: [merged_tensor(method, base, experts, params, n, seed=2, block_elements=b) for b in (10**9, 7)]
                 for n in base}
-    torch.set_default_device("meta")
-    try:
+    with torch.device("meta"):  # the default device inside the block (`torch.set_default_device`)
         got = {n: [merged_tensor(method, base, experts, params, n, seed=2, block_elements=b) for b in (10**9, 7)]
                for n in base}
-    finally:
-        torch.set_default_device(None)
     for n in base:
         for e, g in zip(expected[n], got[n]):
             assert g.device.type == "cpu" and torch.equal(e + 0.0, g + 0.0), n
@@ -876,12 +874,9 @@ def test_ties_global_and_the_election_allocate_on_the_experts_device_whatever_th
     trimmed = torch.randn(3, 11, generator=torch.Generator().manual_seed(0))
     expected = ([ties_merge_global(base, experts, k=0.3, lambda_=1.0, aggregate="mean", block_elements=b)
                  for b in (10**9, 7)], elect_and_merge(trimmed, "mean", None))
-    torch.set_default_device("meta")
-    try:
+    with torch.device("meta"):
         got = ([ties_merge_global(base, experts, k=0.3, lambda_=1.0, aggregate="mean", block_elements=b)
                 for b in (10**9, 7)], elect_and_merge(trimmed, "mean", None))
-    finally:
-        torch.set_default_device(None)
     for e, g in zip(expected[0], got[0]):
         assert all(g[n].device.type == "cpu" and torch.equal(e[n] + 0.0, g[n] + 0.0) for n in base)
     assert torch.equal(expected[1][0], got[1][0]) and expected[1][1:] == got[1][1:]
@@ -899,8 +894,8 @@ def test_dare_draws_its_masks_with_the_cpu_generator_and_applies_them_on_taus_de
     masks = DropMasks(torch.Generator().manual_seed(7), TensorSpec("w", shape, 2, (row_blocks(shape, 20)[0],)), 0.5,
                       rescale=True)
     reference = torch.Generator().manual_seed(7)
-    torch.set_default_device(default_device)  # whatever the default device, the draws are the CPU generator's
-    try:
+    # whatever the default device, the draws are the CPU generator's
+    with torch.device(default_device) if default_device else contextlib.nullcontext():
         # expert 0's τ on another device (meta): masked there, after exactly 20 uniforms drawn on the CPU
         out = masks.apply(0, torch.empty(shape, device="meta"))
         assert out.device.type == "meta" and out.shape == shape
@@ -915,8 +910,6 @@ def test_dare_draws_its_masks_with_the_cpu_generator_and_applies_them_on_taus_de
         assert torch.equal(scratch, keep)
         masks.generators[1].set_state(state)
         assert torch.equal(masks.apply(1, cpu(*shape).fill_(1.0)), keep.view(shape) / 0.5)
-    finally:
-        torch.set_default_device(None)
 
 
 class _Allocations:
