@@ -25,13 +25,13 @@ Choices where the issue (and AutoAttack) leave room, with the reason:
 
 * *Replicates*: every step runs seed 0 with the victim merged with all other tasks (``rest``), and the
   breaks read seed 0. Then, for each (defense, victim), the **worst pair** (the one the scoring chooses on
-  the selection half) runs again under the replicate seeds (1 and 2 in version 3): the defense re-protects
+  the selection half) runs again under the replicate seeds (seed 1 in version 4; 1 and 2 in version 3): the defense re-protects
   with the new seed (its utility cell too), DARE re-draws its masks, the fine-tuning attacks and AdaMerging
   their batches, with fresh reference cells under the same seeds. The scoring chooses the pair on the
   replicates every pair shares (seed 0) and reports it on the held-out half pooled over all its seeds, the
   interval resampling seeds and examples (`bench.scoring`), so the published worst case holds the seed
   variance that a re-run would show (``benchmarks/replicate_variance.py`` measured it at up to 1.9 test-example
-  standard errors on the stochastic steps) at the cost of two runs of one step per pair, not of every step.
+  standard errors on the stochastic steps) at the cost of one more run of one step per pair (two in version 3), not of every step.
 * *The attacker's data*: fine-tuning attacks use the whole labelled budget (256 samples), the tuned
   merges tune on the same 256 samples: the attacker is strong and spends what it is granted.
 * *Algebraic attacks merge by task arithmetic*: they restore the expert's function exactly or not at
@@ -523,18 +523,29 @@ def coverage(protocol: Protocol) -> list[tuple[str, str]]:
     return out
 
 
+def cell_group(record: CellRecord, protocol: Protocol) -> str:
+    """The step group a stored cell of ``protocol`` belongs to: the replicates for a seed outside the protocol's
+    seeds, 'baseline' and 'utility (protect)' by kind, else its (attack, merge) step's group ('other' if no step
+    has it)."""
+    if record.seed not in protocol.seeds:
+        return REPLICATE_GROUP
+    if record.kind == "baseline":
+        return "baseline"
+    if record.kind == "utility":
+        return "utility (protect)"
+    return next((s.group for s in protocol.steps if (s.attack, s.merge) == (record.attack, record.merge)), "other")
+
+
 def stage_profile(records: Iterable[CellRecord], protocol: Protocol) -> list[dict[str, Any]]:
     """Seconds per (step group, stage) over the cells of a protocol run: where the time goes. ``wall`` is
     each cell's measured wall time; a stage whose result came from the cache (a shared merge, an
     artifact) records the seconds it took when computed, so stage columns can exceed ``wall``."""
-    group_of = {(s.attack, s.merge): s.group for s in protocol.steps}
     totals: dict[tuple[str, str], float] = defaultdict(float)
     counts: dict[str, int] = defaultdict(int)
     for r in records:
         if r.status != "ok":
             continue
-        group = REPLICATE_GROUP if r.seed not in protocol.seeds else "baseline" if r.kind == "baseline" else \
-            "utility (protect)" if r.kind == "utility" else group_of.get((r.attack, r.merge), "other")
+        group = cell_group(r, protocol)
         counts[group] += 1
         timings = (r.provenance or {}).get("timings") or {}
         for stage, secs in timings.items():
@@ -558,6 +569,41 @@ def stage_profile(records: Iterable[CellRecord], protocol: Protocol) -> list[dic
 
 _GROUP_ORDER = ["baseline", "utility (protect)", "plain merge", "algebraic", "tuned merge", "fine-tuning", "adamerging",
                 REPLICATE_GROUP]
+
+START_UP = "experts and start-up"
+"""The wall-profile row of what a suite does before its first cell finishes (`wall_profile`)."""
+
+
+def wall_profile(records: Iterable[CellRecord], runs: Mapping[str, tuple[float, float | None]],
+                 protocol: Protocol) -> list[dict[str, Any]]:
+    """Wall-clock seconds per (suite, step group) of the runs that wrote ``records``: rows ``{"suite", "group",
+    "cells", "seconds"}``, suites in the order they ran, groups in the protocol's order after `START_UP`. Walking the cells in the order they finished (``created``), each gap between two finishes is
+    charged to the step group of the cell that closed it (a suite's steps run one after the other, so the gap
+    belongs to the group that was running). The first gap of each suite, less its cell's own wall time, is
+    charged to `START_UP` (the experts it fine-tunes or loads, the workers' start). A gap that spans the start of
+    another run counts from that run's start (the idle time between a crash and its resume is not the
+    protocol's); cells of imported runs (no start time) are skipped. ``runs``: `bench.store.Store.run_times`."""
+    timed = sorted((r for r in records if runs.get(r.run_id, (0.0, None))[0] > 0), key=lambda r: r.created)
+    seconds: dict[tuple[str, str], float] = defaultdict(float)
+    cells: dict[tuple[str, str], int] = defaultdict(int)
+    previous: CellRecord | None = None
+    for r in timed:
+        started = runs[r.run_id][0]
+        since = started if previous is None or previous.created < started else previous.created
+        gap = r.created - since
+        if previous is None or previous.suite != r.suite:
+            own = (r.provenance or {}).get("wall_seconds")
+            start_up = max(0.0, gap - (float(own) if isinstance(own, (int, float)) else 0.0))
+            seconds[(r.suite, START_UP)] += start_up
+            gap -= start_up
+        key = (r.suite, cell_group(r, protocol))
+        seconds[key] += gap
+        cells[key] += 1
+        previous = r
+    order = [START_UP, *_GROUP_ORDER]
+    suites = list(dict.fromkeys(s for s, _ in seconds))
+    keys = sorted(seconds, key=lambda k: (suites.index(k[0]), order.index(k[1]) if k[1] in order else len(order), k[1]))
+    return [{"suite": s, "group": g, "cells": cells[(s, g)], "seconds": round(seconds[(s, g)], 1)} for s, g in keys]
 
 
 def signal(scores: Any, protocol: Protocol, suite: str) -> list[dict[str, Any]]:

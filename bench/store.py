@@ -272,6 +272,12 @@ class Store:
             c.execute("INSERT OR IGNORE INTO runs VALUES (?, 0, 0, ?, ?)",
                       (run_id, strict_json(["imported"]), strict_json(env, sort_keys=True)))
 
+    def run_times(self) -> dict[str, tuple[float, float | None]]:
+        """Each run's (started, finished) epoch seconds; finished is None while it runs or after a crash, and an
+        imported run records 0 for both."""
+        rows = self._conn.execute("SELECT run_id, started, finished FROM runs").fetchall()
+        return {r[0]: (float(r[1]), None if r[2] is None else float(r[2])) for r in rows}
+
     def run_env(self, run_id: str) -> dict[str, Any]:
         row = self._conn.execute("SELECT env FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         return json.loads(row[0]) if row else {}

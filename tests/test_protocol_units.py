@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -17,8 +18,10 @@ from bench.protocol import (
     Step,
     _steps,
     get_protocol,
+    START_UP,
     signal,
     stage_profile,
+    wall_profile,
 )
 from bench.store import CellRecord
 
@@ -37,6 +40,44 @@ def _rec(i: int, kind: str, attack: str = "-", merge: str = "-", seed: int = 0, 
         prov["wall_seconds"] = wall
     return CellRecord(cell_id=f"c{i}", kind=kind, suite=suite, victim="v", partners=("p",), defense=defense,
                       attack=attack, merge=merge, seed=seed, status=status, provenance=prov, filling=filling)
+
+
+def test_wall_profile_charges_each_gap_between_finishes_to_the_cell_that_closed_it() -> None:
+    runs = {"r1": (100.0, 200.0), "r2": (1000.0, None), "imported": (0.0, 0.0)}
+
+    def at(rec: CellRecord, run: str, created: float) -> CellRecord:
+        return replace(rec, run_id=run, created=created)
+
+    records = [
+        # listed out of order: the walk sorts by finish time
+        at(_rec(7, "merge", "none", "custom-merge", suite="t"), "r2", 1040.0),  # no step has it: 'other'
+        at(_rec(0, "baseline", wall=10.0, suite="s"), "r1", 130.0),  # first of s: 30 s, of which 20 before it began
+        at(_rec(1, "utility", suite="s"), "r1", 150.0),
+        at(_rec(2, "merge", "none", "ta", suite="s"), "r1", 160.0),
+        at(_rec(3, "merge", "realign", "ta", wall=5.0, suite="t"), "r1", 175.0),  # first of t: 15 s, 10 before it
+        at(_rec(9, "merge", "none", "ta", suite="s"), "imported", 50.0),  # an imported cell: no clock of ours
+        # the resumed run: counted from its own start (1000), not from the last cell of r1 (175)
+        at(_rec(4, "merge", "none", "ta", seed=1, suite="t"), "r2", 1010.0),
+        at(_rec(5, "merge", "none", "ties", wall="?", suite="t"), "r2", 1030.0),
+    ]
+    rows = wall_profile(records, runs, PROTOCOL)
+    assert rows == [
+        {"suite": "s", "group": START_UP, "cells": 0, "seconds": 20.0},
+        {"suite": "s", "group": "baseline", "cells": 1, "seconds": 10.0},
+        {"suite": "s", "group": "utility (protect)", "cells": 1, "seconds": 20.0},
+        {"suite": "s", "group": "plain merge", "cells": 1, "seconds": 10.0},
+        {"suite": "t", "group": START_UP, "cells": 0, "seconds": 10.0},
+        {"suite": "t", "group": "algebraic", "cells": 1, "seconds": 5.0},
+        {"suite": "t", "group": REPLICATE_GROUP, "cells": 1, "seconds": 10.0},
+        {"suite": "t", "group": "custom", "cells": 1, "seconds": 20.0},
+        {"suite": "t", "group": "other", "cells": 1, "seconds": 10.0},
+    ]
+    # every second from the first run's start to its last cell, and from the resumed run's start to its last cell
+    assert sum(r["seconds"] for r in rows) == (175.0 - 100.0) + (1040.0 - 1000.0)
+    # a suite's first cell without a recorded wall time: the whole gap is start-up
+    first = wall_profile([at(_rec(0, "baseline", suite="s"), "r1", 130.0)], runs, PROTOCOL)
+    assert first == [{"suite": "s", "group": START_UP, "cells": 0, "seconds": 30.0},
+                     {"suite": "s", "group": "baseline", "cells": 1, "seconds": 0.0}]
 
 
 def test_stage_profile_sums_each_stage_per_group_and_counts_protection_once() -> None:
