@@ -187,7 +187,7 @@ STANDARD = Protocol(
 Version 3 adds the replicate seeds (1, 2) on each pair's worst step (see *Replicates* in the module
 docstring); every seed-0 cell of version 2 is a cell of version 3 (same ids), so a store of version 2 resumes.
 
-Version 4 makes the whole protocol fit its budget (two hours wall, cold, on a 2-core CPU, both embedded suites).
+Version 4 cuts the protocol toward its budget (two hours wall, cold, on a 2-core CPU, both embedded suites).
 Measured on the version-3 cells (`bench run --dry-run` profiles; the cells' own times), AdaMerging was the
 costliest step group of text-mix (5,532 of 14,927 cell-seconds) and the replicates the costliest of vision-effnet
 (5,860 of 12,357). Two cuts, each chosen because it gives up the least attack strength per CPU-second:
@@ -201,6 +201,11 @@ costliest step group of text-mix (5,532 of 14,927 cell-seconds) and the replicat
   (interval [0.070, 0.699] → [0.050, 0.695]); the MergeGuard stage-1 intervals widen by 0.013–0.021. The seed
   variance is still in every published interval (seeds 0 and 1 are resampled), with one seed fewer to estimate
   it from.
+
+It does not yet fit: one cold run of version 4 (fresh store and cache, experts included, ``--jobs 2``, idle 2-core
+Xeon) took 160.6 minutes wall, vision-effnet 66.3 and text-mix 94.2 (`wall_profile`,
+``benchmarks/protocol_wall.py``); its largest groups are text-mix's AdaMerging (18.8) and plain merges (18.7) and
+vision-effnet's replicates (14.3) and tuned merges (14.2).
 """
 
 PROTOCOLS: dict[str, Protocol] = {STANDARD.name: STANDARD}
@@ -555,9 +560,7 @@ def stage_profile(records: Iterable[CellRecord], protocol: Protocol) -> list[dic
         wall = (r.provenance or {}).get("wall_seconds")
         if isinstance(wall, (int, float)):
             totals[(group, "wall")] += float(wall)
-    # the documented groups in their order, then any other (a custom step group, 'other') by name
-    groups = sorted({g for g, _ in totals},
-                    key=lambda g: (_GROUP_ORDER.index(g) if g in _GROUP_ORDER else len(_GROUP_ORDER), g))
+    groups = sorted({g for g, _ in totals}, key=_group_key)
     rows = []
     for g in groups:
         row: dict[str, Any] = {"group": g, "cells": counts[g]}
@@ -570,6 +573,11 @@ def stage_profile(records: Iterable[CellRecord], protocol: Protocol) -> list[dic
 _GROUP_ORDER = ["baseline", "utility (protect)", "plain merge", "algebraic", "tuned merge", "fine-tuning", "adamerging",
                 REPLICATE_GROUP]
 
+
+def _group_key(group: str) -> tuple[int, str]:
+    """The documented groups in their order, then any other (a custom step group, 'other') by name."""
+    return (_GROUP_ORDER.index(group) if group in _GROUP_ORDER else len(_GROUP_ORDER), group)
+
 START_UP = "experts and start-up"
 """The wall-profile row of what a suite does before its first cell finishes (`wall_profile`)."""
 
@@ -577,8 +585,8 @@ START_UP = "experts and start-up"
 def wall_profile(records: Iterable[CellRecord], runs: Mapping[str, tuple[float, float | None]],
                  protocol: Protocol) -> list[dict[str, Any]]:
     """Wall-clock seconds per (suite, step group) of the runs that wrote ``records``: rows ``{"suite", "group",
-    "cells", "seconds"}``, suites in the order they ran, groups in the protocol's order after `START_UP`. Walking the cells in the order they finished (``created``), each gap between two finishes is
-    charged to the step group of the cell that closed it (a suite's steps run one after the other, so the gap
+    "cells", "seconds"}``, suites in the order they ran, groups in the protocol's order after `START_UP`. Walking
+    the cells in the order they finished (``created``), each gap between two finishes is charged to the step group of the cell that closed it (a suite's steps run one after the other, so the gap
     belongs to the group that was running). The first gap of each suite, less its cell's own wall time, is
     charged to `START_UP` (the experts it fine-tunes or loads, the workers' start). A gap that spans the start of
     another run counts from that run's start (the idle time between a crash and its resume is not the
@@ -600,9 +608,8 @@ def wall_profile(records: Iterable[CellRecord], runs: Mapping[str, tuple[float, 
         seconds[key] += gap
         cells[key] += 1
         previous = r
-    order = [START_UP, *_GROUP_ORDER]
     suites = list(dict.fromkeys(s for s, _ in seconds))
-    keys = sorted(seconds, key=lambda k: (suites.index(k[0]), order.index(k[1]) if k[1] in order else len(order), k[1]))
+    keys = sorted(seconds, key=lambda k: (suites.index(k[0]), k[1] != START_UP, _group_key(k[1])))
     return [{"suite": s, "group": g, "cells": cells[(s, g)], "seconds": round(seconds[(s, g)], 1)} for s, g in keys]
 
 
