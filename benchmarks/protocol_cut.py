@@ -44,9 +44,12 @@ def victim_outcomes(r: CellRecord) -> np.ndarray | None:
     return None
 
 
-def merge_cells(path: str, merges: set[str] | None, suites: set[str] | None) -> dict[Key, CellRecord]:
+def merge_cells(path: str, merges: set[str] | None, suites: set[str] | None,
+                exclude: set[str] = frozenset()) -> dict[Key, CellRecord]:
+    """The finished merge cells of a store by `Key`, leaving out the cell ids in ``exclude`` (the new store may be
+    a copy of the old one with the cut's cells added)."""
     with Store(path, readonly=True) as st:
-        return {_key(r): r for r in st.cells() if r.kind == "merge" and r.status == "ok"
+        return {_key(r): r for r in st.cells() if r.kind == "merge" and r.status == "ok" and r.cell_id not in exclude
                 and (not merges or r.merge in merges) and (not suites or r.suite in suites)}
 
 
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     merges = {m for m in args.merge.split(",") if m} or None
     suites = {s for s in args.suite.split(",") if s} or None
-    cells, pairs = compare(merge_cells(args.old, merges, suites), merge_cells(args.new, merges, suites))
+    old = merge_cells(args.old, merges, suites)
+    cells, pairs = compare(old, merge_cells(args.new, merges, suites, exclude={r.cell_id for r in old.values()}))
     print(f"{len(cells)} cells in both stores\n")
     print(_table(cells, ["suite", "victim", "defense", "filling", "attack", "merge", "seed", "v_old", "v_new", "diff",
                          "s_old", "s_new"]))
