@@ -343,3 +343,18 @@ def test_an_adamerging_reference_is_merged_once_for_every_victim(toy_suite, tmp_
     assert len({c.provenance["hashes"]["merged"] for c in cells}) == 1
     for c in cells:
         assert [m.task for m in c.metrics if m.role == "merged"] == [c.victim]
+
+
+def test_groups_of_one_defense_run_one_after_another(toy_suite) -> None:
+    from bench.executors.local import group_cells
+
+    plan = build_plan(toy_suite, defense="toy-scale,none,toy-scale[factor=4]", merge="ta,wa")
+    groups = group_cells(plan.cells)
+    assert sorted(c.cell_id for g in groups for c in g) == sorted(c.cell_id for c in plan.cells)
+    labels = [g[0].defense_label for g in groups if g[0].kind != "baseline"]
+    runs = [label for i, label in enumerate(labels) if i == 0 or labels[i - 1] != label]
+    assert len(runs) == len(set(runs))  # each defense's groups are contiguous
+    for label in set(labels):  # and its victims keep the suite's task order
+        victims = [g[0].victim for g in groups if g[0].kind != "baseline" and g[0].defense_label == label]
+        assert victims == sorted(victims, key=toy_suite.tasks.index)
+    assert {"toy-scale", "toy-scale[factor=4]", "none", "counterfactual"} <= set(labels)

@@ -47,14 +47,20 @@ def group_cells(cells: Sequence[Cell]) -> list[list[Cell]]:
     the most cells. A utility cell joins its defense's cheap merges (same victim, partners, seed), so one
     worker computes the artifact that they share. Unprotected merges that train and tune for no victim
     (AdaMerging) are one group across victims: they are one merge of the same experts, so one worker
-    merges it and the others find it cached (`bench.runner` evaluates it for every member)."""
+    merges it and the others find it cached (`bench.runner` evaluates it for every member).
+
+    Within each of those three, the groups of one defense run one after another (defenses by label, victims
+    in the cells' order): two settings of a defense that share a cached stage then meet it one after the
+    other, not in two workers at once. MergeGuard's stage 1 is such a stage (``mergeguard`` and
+    ``mergeguard-stage1`` fine-tune the same model): with victim-major order, the version-4 cold run computed it
+    twice, at the same time, on 10 of its 16 (victim, seed) pairs, about 920 cell-seconds."""
     groups: dict[tuple, list[Cell]] = defaultdict(list)
     for c in cells:
         if shared_reference(c):
             groups[(True, False, "", (), c.defense_label, c.seed)].append(c)
             continue
         groups[(trains_to_merge(c), c.kind == "baseline", c.victim, c.partners, c.defense_label, c.seed)].append(c)
-    return sorted(groups.values(), key=lambda g: (g[0].kind != "baseline", trains_to_merge(g[0])))
+    return sorted(groups.values(), key=lambda g: (g[0].kind != "baseline", trains_to_merge(g[0]), g[0].defense_label))
 
 
 def build_experts(suite: Suite, cells: Sequence[Cell], log: Callable[[str], None]) -> None:
