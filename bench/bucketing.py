@@ -99,6 +99,38 @@ def correct_in_order(model: nn.Module, bucketed: BucketedBatches) -> np.ndarray:
     return out
 
 
+def rebatch_by_length(batches: Sequence[Batch], batch_size: int) -> list[Batch]:
+    """The labelled examples of ``batches`` (token inputs passing `sequence_inputs`) in length-sorted batches of
+    ``batch_size``, each right-padded with 0 (id and mask) to its longest row, labels carried along.
+
+    The same examples, so a sum over examples (correct predictions, per-example loss) is the same up to float
+    rounding; a tuned merge's criterion uses it (`merges.tuned`)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    rows: list[tuple[int, dict[str, torch.Tensor], torch.Tensor]] = []
+    for batch in batches:
+        if not sequence_inputs(batch.inputs):
+            raise ValueError("rebatch_by_length needs token inputs with a 0/1 attention_mask")
+        mask = batch.inputs["attention_mask"]
+        for r in range(mask.shape[0]):
+            nonzero = torch.nonzero(mask[r]).flatten()
+            length = int(nonzero[-1]) + 1 if len(nonzero) else 0
+            rows.append((length, {k: v[r, :length] for k, v in batch.inputs.items()}, batch.labels[r]))
+    order = length_order([r[0] for r in rows])
+    out = []
+    for start in range(0, len(order), batch_size):
+        chosen = [rows[i] for i in order[start:start + batch_size]]
+        width = max(1, max(r[0] for r in chosen))
+        inputs = {}
+        for key, first in chosen[0][1].items():
+            t = torch.zeros((len(chosen), width), dtype=first.dtype)
+            for row, (length, tensors, _) in enumerate(chosen):
+                t[row, :length] = tensors[key]
+            inputs[key] = t
+        out.append(Batch(inputs=inputs, labels=torch.stack([r[2] for r in chosen])))
+    return out
+
+
 # ---------------------------------------------------------------- regrouping a step's batches (AdaMerging)
 
 
@@ -167,4 +199,4 @@ def regroup_by_length(batches: Sequence[Mapping[str, torch.Tensor]], micro_batch
 
 
 __all__ = ["BucketedBatches", "MicroBatch", "bucket_sequences", "correct_in_order", "has_batch_dependent_layers",
-           "length_order", "pad_right", "regroup_by_length", "sequence_inputs"]
+           "length_order", "pad_right", "rebatch_by_length", "regroup_by_length", "sequence_inputs"]

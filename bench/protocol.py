@@ -81,7 +81,9 @@ class Step:
     group: str
     """'plain merge', 'algebraic', 'tuned merge', 'fine-tuning' or 'adamerging' (for the cost profile)."""
     evaluate: Literal["all", "victim"] = "victim"
-    """Plain merges evaluate every task (the partners' side effect); other steps the victim only."""
+    """``all``: the merged model is evaluated on every merged task (the partners' side effect); ``victim``: on the
+    victim only, which is all security reads. Since version 5 only the task-arithmetic plain merge evaluates
+    every task."""
 
     @property
     def label(self) -> str:
@@ -142,11 +144,12 @@ def _steps(group: str, attacks: Sequence[str], merges: Sequence[str], evaluate: 
 
 STANDARD = Protocol(
     name="standard",
-    version="4",
+    version="5",
     description="every standard attack, tuned merge and layer-wise AdaMerging, cheapest first; a step runs only on "
                 "(defense, victim) pairs not yet broken",
     steps=tuple(
-        _steps(PLAIN, ["none"], ["wa", "ta", "ties", "dare-ties"], evaluate="all")
+        _steps(PLAIN, ["none"], ["wa"]) + _steps(PLAIN, ["none"], ["ta"], evaluate="all")
+        + _steps(PLAIN, ["none"], ["ties", "dare-ties"])
         + _steps("algebraic", ["scale-division", "realign", "realign+scale-division", "revert-attention",
                                "revert-ffn", "revert-to-base", "taylor-invert", "taylor-invert+realign+scale-division",
                                "anchor-align", "anchor-align-indep", "taylor-invert+anchor-align"], ["ta"])
@@ -159,7 +162,7 @@ STANDARD = Protocol(
     seeds=(0,),
     partners="rest",
     params={"merge-finetune": {"samples": "256"}, "graderase": {"samples": "256"},
-            "adamerging-layer": {"steps": "50", "lr": "0.01"}},
+            "adamerging-layer": {"steps": "25", "lr": "0.02"}},
     budget=AttackNeeds(anchor=True, labelled=256, unlabelled=1024, finetune_steps=1000, knows_defense=True),
     omitted={
         "unmask": "under task arithmetic it maps the unprotected expert exactly to θ_pre, so V_U = V_∅ and its gain is "
