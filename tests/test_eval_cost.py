@@ -15,6 +15,7 @@ from bench.bucketing import (
     correct_in_order,
     has_batch_dependent_layers,
     pad_right,
+    rebatch_by_length,
     regroup_by_length,
     sequence_inputs,
 )
@@ -120,6 +121,47 @@ def test_bucketed_logits_equal_split_order_logits_up_to_rounding(classifier):
         for batch, idx in zip(bucketed.batches, bucketed.positions):
             new[torch.as_tensor(idx)] = classifier(**batch.inputs)
     assert torch.allclose(old, new, atol=1e-5, rtol=1e-5)
+
+
+def test_rebatching_keeps_every_labelled_sequence_once_in_length_sorted_batches():
+    seqs = sequences(70, seed=5)
+    labels = np.arange(70) % 3
+    batches = rebatch_by_length(split_order_batches(seqs, labels, 16), 16)
+    assert [len(b.labels) for b in batches] == [16, 16, 16, 16, 6]
+    rows = []
+    for b in batches:
+        mask = b.inputs["attention_mask"]
+        assert mask.shape[1] == int(mask.sum(1).max())  # padded to its longest row only
+        for r in range(len(b.labels)):
+            n = int(mask[r].sum())
+            assert mask[r, :n].all() and not mask[r, n:].any() and not b.inputs["input_ids"][r, n:].any()
+            rows.append((tuple(b.inputs["input_ids"][r, :n].tolist()), int(b.labels[r])))
+    assert sorted(rows) == sorted((tuple(s), int(y)) for s, y in zip(seqs, labels))
+    lengths = [len(r[0]) for r in rows]
+    assert lengths == sorted(lengths)
+    assert sum(int(b.inputs["attention_mask"].numel()) for b in batches) < \
+        sum(int(b.inputs["attention_mask"].numel()) for b in split_order_batches(seqs, labels, 16))
+
+
+def test_rebatched_hits_and_loss_sum_equal_the_split_order_ones(classifier):
+    seqs = sequences(90, seed=6)
+    labels = np.arange(90) % 3
+    sums = []
+    with torch.no_grad():
+        for batches in (split_order_batches(seqs, labels, 32), rebatch_by_length(split_order_batches(seqs, labels, 32), 32)):
+            hits = sum(int((classifier(**b.inputs).argmax(-1) == b.labels).sum()) for b in batches)
+            loss = sum(float(nn.functional.cross_entropy(classifier(**b.inputs), b.labels, reduction="sum"))
+                       for b in batches)
+            sums.append((hits, loss))
+    assert sums[0][0] == sums[1][0] and sums[0][1] == pytest.approx(sums[1][1], rel=1e-5)
+
+
+def test_rebatching_refuses_inputs_that_are_not_masked_tokens_and_a_bad_size():
+    pixels = [Batch({"pixel_values": torch.zeros(2, 3, 4, 4)}, torch.zeros(2, dtype=torch.long))]
+    with pytest.raises(ValueError, match="attention_mask"):
+        rebatch_by_length(pixels, 8)
+    with pytest.raises(ValueError, match="at least 1"):
+        rebatch_by_length(split_order_batches(sequences(3, seed=7), np.zeros(3, dtype=np.int64), 2), 0)
 
 
 def test_text_minilm_bucketed_evaluation_gives_the_split_order_outcomes(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from bench.params import ParamError
 from bench.plugins import AttackNeeds
-from bench.protocol import PROTOCOLS, Protocol, Step
+from bench.protocol import PROTOCOLS, STANDARD, Protocol, Step
 from bench.store import Store
 
 MINI = Protocol(name="frontier-mini", version="0", break_threshold=1.01, seeds=(0,), partners="rest", params={},
@@ -131,7 +131,7 @@ def test_the_dry_run_lists_the_settings_and_the_estimate_and_writes_nothing(plug
     out = capsys.readouterr().out
     assert "4 settings (factor: 1.5, 2*, 4, 8" in out
     assert all(f"  {label}\n" in out for label in VARIANTS)
-    assert "toy: protocol standard v4, 4 defenses, 3 victims" in out and "upper bound" in out
+    assert f"toy: protocol standard v{STANDARD.version}, 4 defenses, 3 victims" in out and "upper bound" in out
     assert not store.exists()
     assert main(["frontier", "--defense", "none", "--suite", "toy", "--dry-run", "--store", str(store)]) == 2
     assert "declares no frontier" in capsys.readouterr().err

@@ -334,3 +334,90 @@ def test_linear_direction_refuses_a_merge_without_block_jobs() -> None:
     method = merges.get("ties-global")  # merges the whole model at once: no per-tensor job to take D from
     with pytest.raises(TypeError, match="has no finish\\(direction, base\\) step: its merge is not linear"):
         LinearDirection(method, base, experts, method.Params())
+
+
+class _Pooled(torch.nn.Module):
+    """Token ids -> masked mean of embeddings -> logits (no BatchNorm)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb, self.out = torch.nn.Embedding(50, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        m = attention_mask.unsqueeze(-1).float()
+        return self.out((self.emb(input_ids) * m).sum(1) / m.sum(1).clamp(min=1.0))
+
+
+class _Normed(torch.nn.Module):
+    """Features -> BatchNorm -> logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.bn, self.out = torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.bn(x))
+
+
+def _fake_ctx(model: torch.nn.Module) -> MergeContext:
+    class Suite:
+        def task_model(self, body, head, task):
+            return model
+
+        def recalibrate(self, *a, **kw):
+            raise AssertionError("a candidate is repaired on the attacker's samples, not the suite's repair set")
+
+        def output_loss(self, logits, batch):
+            return torch.nn.functional.cross_entropy(logits, batch.labels)
+
+    return MergeContext(suite=Suite(), tasks=("v",), heads=[{}], seed=0, victim="v")
+
+
+def test_the_criterion_repairs_batchnorm_on_the_attackers_own_samples() -> None:
+    from bench.suite import Batch
+    from merges.tuned import _criterion
+
+    g = torch.Generator().manual_seed(1)
+    batches = [Batch({"x": torch.randn(16, 4, generator=g) * 3 + 2}, torch.randint(0, 2, (16,), generator=g))
+               for _ in range(4)]
+    model = _Normed()
+    acc, loss = _criterion(_fake_ctx(model), {}, {}, batches)
+    xs = [b.inputs["x"] for b in batches]
+    # cumulative averages over equal batches: the mean of all 64 samples, the mean of the per-batch unbiased variances
+    assert torch.allclose(model.bn.running_mean, torch.cat(xs).mean(0), atol=1e-5)
+    assert torch.allclose(model.bn.running_var, torch.stack([x.var(0, unbiased=True) for x in xs]).mean(0), atol=1e-4)
+    ref = _Normed().eval()
+    ref.bn.running_mean.copy_(torch.cat(xs).mean(0))
+    ref.bn.running_var.copy_(torch.stack([x.var(0, unbiased=True) for x in xs]).mean(0))
+    with torch.no_grad():
+        logits = ref(torch.cat(xs))
+    labels = torch.cat([b.labels for b in batches])
+    assert acc == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)
+
+
+def test_the_criterion_runs_token_inputs_in_length_sorted_batches_with_the_same_sums() -> None:
+    from bench.bucketing import pad_right
+    from bench.suite import Batch
+    from merges.tuned import _criterion
+
+    g = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(1, 50, (int(n),), generator=g).tolist() for n in torch.randint(1, 30, (150,), generator=g)]
+    labels = torch.randint(0, 3, (150,), generator=g)
+    batches = []
+    for s in range(0, 150, 16):
+        ids, mask = pad_right(seqs[s:s + 16])
+        batches.append(Batch({"input_ids": ids, "attention_mask": mask}, labels[s:s + 16]))
+    model = _Pooled()
+    widths = []
+    model.register_forward_hook(lambda m, args, kwargs, out: widths.append(kwargs["input_ids"].shape[1]),
+                                with_kwargs=True)
+    acc, loss = _criterion(_fake_ctx(model), {}, {}, batches)
+    lengths = sorted(len(s) for s in seqs)
+    assert widths == [lengths[63], lengths[127], lengths[149]]  # batches of 64 (EVAL_BATCH_SIZE) in length order
+    with torch.no_grad():
+        logits = torch.cat([model(**b.inputs) for b in batches])
+    assert acc == pytest.approx(float((logits.argmax(-1) == labels).float().mean()))
+    assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(logits, labels)), rel=1e-5)

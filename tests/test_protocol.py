@@ -275,7 +275,7 @@ def test_cli_show_and_refusals(capsys) -> None:
 
     assert main(["show", "protocol", "standard"]) == 0
     text = capsys.readouterr().out
-    assert "version 4" in text and "adamerging-layer" in text and "no step covers: none" in text
+    assert f"version {STANDARD.version}" in text and "adamerging-layer" in text and "no step covers: none" in text
     assert "worst pair again under seeds 1" in text
     assert "omitted on purpose: unmask:" in text
     assert main(["run", "--protocol", "standard", "--merge", "ta"]) == 2
@@ -413,7 +413,7 @@ def test_cli_protocol_dry_run_prints_the_estimate_and_writes_nothing(plugin_site
     assert main(["run", "--protocol", "standard", "--suite", "toy", "--defense", "toy-scale", "--dry-run",
                  "--store", str(store)]) == 0
     out = capsys.readouterr().out
-    assert "toy: protocol standard v4, 1 defenses, 3 victims" in out and "upper bound if no pair breaks" in out
+    assert f"toy: protocol standard v{STANDARD.version}, 1 defenses, 3 victims" in out and "upper bound if no pair breaks" in out
     assert "adamerging" in out and "| replicates" in out and "median-cost step" in out and not store.exists()
 
 
