@@ -259,7 +259,7 @@ def test_bn_recalibration_sets_running_stats_to_the_data_mean_without_randomness
     assert all(torch.allclose(first[k].float(), v.float()) for k, v in model.body.state_dict().items())
 
 
-def test_vision_merged_evaluation_recalibrates_on_1024_training_images(vision_suite, monkeypatch):
+def test_vision_merged_evaluation_recalibrates_on_256_training_images(vision_suite, monkeypatch):
     seen = []
     monkeypatch.setattr(
         "bench.suite.recalibrate_batchnorm",
@@ -267,9 +267,9 @@ def test_vision_merged_evaluation_recalibrates_on_1024_training_images(vision_su
     )
     head = {"weight": torch.zeros(10, 1280), "bias": torch.zeros(10)}
     result = vision_suite.evaluate(vision_suite.pretrained(), head, "digits", merged=True)
-    assert seen == [1024] and result == {"accuracy": pytest.approx(0.1)}  # zero head: argmax is class 0
+    assert seen == [256] and result == {"accuracy": pytest.approx(0.1)}  # zero head: argmax is class 0
     vision_suite.evaluate(vision_suite.pretrained(), head, "digits")
-    assert seen == [1024]
+    assert seen == [256]
 
 
 def test_recalibrate_statistics_returns_a_body_with_fresh_statistics_and_the_same_weights(vision_suite):
@@ -277,7 +277,7 @@ def test_recalibrate_statistics_returns_a_body_with_fresh_statistics_and_the_sam
     head = {"weight": torch.zeros(10, 1280), "bias": torch.zeros(10)}
     fresh, seen = vision_suite.recalibrate_statistics(body, head, "digits")
     keys = batchnorm_statistic_keys(vision_suite.task_model(body, head, "digits").body)
-    assert seen == 1024 and "_bn0.running_var" in keys and "_bn0.weight" not in keys
+    assert seen == 256 and "_bn0.running_var" in keys and "_bn0.weight" not in keys
     assert set(fresh) == set(body)
     assert all(torch.equal(fresh[k], body[k]) for k in body if k not in keys)
     assert not torch.allclose(fresh["_bn0.running_mean"], body["_bn0.running_mean"])
