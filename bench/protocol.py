@@ -209,6 +209,30 @@ It does not yet fit: one cold run of version 4 (fresh store and cache, experts i
 Xeon) took 160.6 minutes wall, vision-effnet 66.3 and text-mix 94.2 (`wall_profile`,
 ``benchmarks/protocol_wall.py``); its largest groups are text-mix's AdaMerging (18.8) and plain merges (18.7) and
 vision-effnet's replicates (14.3) and tuned merges (14.2).
+
+Version 5 cuts again, each cut chosen from the version-4 run's own cells (`wall_profile`, the cells' stage timings)
+and measured for what it changes (``benchmarks/protocol_cut.py``: the same (defense, victim, attack, merge, seed)
+cells of two stores, victim metric and recovered side by side):
+
+* **Partner side effects are read under task arithmetic only.** WA, TIES and DARE-TIES evaluate the victim alone
+  (``Step.evaluate``); ``none / ta`` still evaluates every merged task, and it is the step whose references the
+  undo attacks share. Security reads the victim only, so no security number can move; the partner effect of an
+  entry is the TA one. On text-mix the four plain steps' protected cells spent 1,840 of their 2,164 cell-seconds
+  evaluating five tasks; a victim-only evaluation is about a fifth of that.
+* **AdaMerging runs 25 Adam steps at lr 2e-2** (50 at 1e-2 in version 4): the same steps × lr, as the version-4
+  cut was argued and measured; what it changes on the version-4 pairs is in the session note of this version.
+* **Tuned merges 2+**: each candidate's BatchNorm statistics are re-estimated on the attacker's own labelled
+  samples (its 256, the ones it is scored on), and token inputs are scored in length-sorted batches
+  (`merges.tuned`). On text-mix every tuned cell of the version-4 MergeGuard pairs chose the same coefficient and
+  gave the same victim outcomes; length-sorting took trec-question's TA search from 22.6 s to 16.4 s.
+* **vision-effnet repairs BatchNorm on 256 training images** (1,024 before; `VisionEffNet.recalibration_samples`):
+  a quarter of the repair in every merged evaluation and in MergeGuard's mask evaluations; merged victim
+  accuracy 0.2–1.7 points lower on the nine plain merges measured.
+
+Not a protocol change, but measured in the same cells: the version-4 run computed MergeGuard's stage 1 twice, at
+the same time in both workers, on 10 of 16 (victim, seed) pairs (``mergeguard`` and ``mergeguard-stage1``
+fine-tune the same model); the local executor now runs one defense's groups one after another
+(`bench.executors.local.group_cells`).
 """
 
 STANDARD_V4 = replace(
