@@ -235,37 +235,17 @@ fine-tune the same model); the local executor now runs one defense's groups one 
 (`bench.executors.local.group_cells`).
 """
 
-STANDARD_V4 = replace(
-    STANDARD, version="4",
-    steps=tuple(replace(s, evaluate="all") if s.group == PLAIN else s for s in STANDARD.steps),
-    params={**STANDARD.params, "adamerging-layer": {"steps": "50", "lr": "0.01"}},
-)
-"""Version 4 as it ran, kept while the shipped results are its cells: re-scoring them (``bench leaderboard
-export --protocol standard@4``) walks the steps they were planned by."""
-
 PROTOCOLS: dict[str, Protocol] = {STANDARD.name: STANDARD}
-"""The current version of each protocol, by name."""
-EARLIER: dict[tuple[str, str], Protocol] = {(STANDARD_V4.name, STANDARD_V4.version): STANDARD_V4}
-"""Earlier versions that stored results still need, by (name, version)."""
 
 
 class ProtocolError(ValueError):
     """An unknown protocol, or a protocol that does not fit the registered plugins."""
 
 
-def get_protocol(name: str, version: str | None = None) -> Protocol:
-    """The protocol ``name`` at its current version, or at ``version`` (also written ``NAME@VERSION``)."""
-    if version is None and "@" in name:
-        name, version = name.split("@", 1)
+def get_protocol(name: str) -> Protocol:
     if name not in PROTOCOLS:
         raise ProtocolError(f"unknown protocol {name!r}; known: {', '.join(sorted(PROTOCOLS))}")
-    current = PROTOCOLS[name]
-    if version is None or version == current.version:
-        return current
-    if (name, version) not in EARLIER:
-        known = sorted([current.version, *(v for n, v in EARLIER if n == name)], key=lambda v: (len(v), v))
-        raise ProtocolError(f"protocol {name!r} has no version {version!r}; known: {', '.join(known)}")
-    return EARLIER[(name, version)]
+    return PROTOCOLS[name]
 
 
 # ---------------------------------------------------------------- planning

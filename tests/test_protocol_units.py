@@ -10,7 +10,6 @@ import pytest
 
 from bench.plugins import AttackNeeds
 from bench.protocol import (
-    EARLIER,
     PROTOCOLS,
     REPLICATE_GROUP,
     STANDARD,
@@ -498,29 +497,9 @@ def test_stamp_merges_and_missing_name_what_the_export_prints() -> None:
     assert w.missing("e") == ["v1: none / ties"] and w.missing("f") == []
 
 
-def test_a_protocol_is_found_at_its_current_or_an_earlier_version(monkeypatch) -> None:
-    current, older = replace(PROTOCOL, version="10"), replace(PROTOCOL, version="2")
-    monkeypatch.setitem(PROTOCOLS, "p", current)
-    monkeypatch.setitem(EARLIER, ("p", "2"), older)
-    assert get_protocol("p") is current and get_protocol("p", "10") is current and get_protocol("p@10") is current
-    assert get_protocol("p@2") is older and get_protocol("p", "2") is older
-    with pytest.raises(ProtocolError, match=r"^protocol 'p' has no version '9'; known: 2, 10$"):
-        get_protocol("p@9")
-    with pytest.raises(ProtocolError, match=r"^unknown protocol 'q'"):
-        get_protocol("q@2")
-
-
-def test_version_5_reads_partner_side_effects_under_task_arithmetic_only_and_version_4_stays_as_it_ran() -> None:
+def test_version_5_reads_partner_side_effects_under_task_arithmetic_only() -> None:
     plain = [(s.merge, s.evaluate) for s in STANDARD.steps if s.group == "plain merge"]
     assert STANDARD.version == "5"
     assert plain == [("wa", "victim"), ("ta", "all"), ("ties", "victim"), ("dare-ties", "victim")]
     assert all(s.evaluate == "victim" for s in STANDARD.steps if s.group != "plain merge")
     assert STANDARD.params["adamerging-layer"] == {"steps": "25", "lr": "0.02"}
-    v4 = get_protocol("standard@4")
-    assert v4.version == "4" and [s.label for s in v4.steps] == [s.label for s in STANDARD.steps]
-    assert [s.evaluate for s in v4.steps if s.group == "plain merge"] == ["all"] * 4
-    assert v4.params["adamerging-layer"] == {"steps": "50", "lr": "0.01"}
-    assert {k: v for k, v in v4.params.items() if k != "adamerging-layer"} == \
-        {k: v for k, v in STANDARD.params.items() if k != "adamerging-layer"}
-    assert (v4.budget, v4.seeds, v4.replicate_seeds, v4.break_threshold, v4.omitted) == \
-        (STANDARD.budget, STANDARD.seeds, STANDARD.replicate_seeds, STANDARD.break_threshold, STANDARD.omitted)
