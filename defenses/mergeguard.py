@@ -565,13 +565,14 @@ class MergeGuard(Defense):
     code = ""
     needs_data = True  # stage 1 re-fine-tunes on the task; stage 2 measures on it which units the task needs
     stages: ClassVar[tuple[int, ...]] = (1, 2)
-    frontier = {"alpha": ("0.001", "0.01", "0.1"), "k_params": ("0.05", "0.1", "0.2", "0.4"),
-                "beta": ("0.5", "1", "1.5", "2")}
-    """α (Eq. 1, 0.01 in §6.1) a decade either side, each value a re-fine-tune of the expert (so three points only).
-    k (share of each non-critical unit's entries negated) doubles from half the paper's 0.1 (§6.1) to 0.4: more of
-    the task vector is moved. β (Eq. 4, 1 in §6.1) runs from halving the masked task-vector entries (0.5) through
-    resetting them to θ_pre (1, the paper) to reflecting them through θ_pre (2, the literal negation). The stages
-    are the ablations ``mergeguard-stage1`` and ``mergeguard-stage2``, each with its own frontier."""
+    frontier = {"alpha": ("0.001", "0.01", "0.1"), "k_params": ("0.05", "0.1", "0.4"), "beta": ("0.5", "1", "2")}
+    """Three points per knob, the paper's value (§6.1) in the middle, seven settings in all. α (Eq. 1, 0.01) a decade
+    either side, each value a re-fine-tune of the expert. k (share of each non-critical unit's entries negated) from
+    half the paper's 0.1 to 0.4: more of the task vector is moved. β (Eq. 4, 1) from halving the masked task-vector
+    entries (0.5) through resetting them to θ_pre (1, the paper) to reflecting them through θ_pre (2, the literal
+    negation). The intermediate k 0.2 and β 1.5 are swept on ``mergeguard-stage2`` (the same negation on the
+    unregularised expert), which keeps a vision-effnet run of every frontier inside one session; the stages are the
+    ablations ``mergeguard-stage1`` and ``mergeguard-stage2``, each with its own frontier."""
 
     def protect(self, expert: Expert, ctx: DefenseContext) -> Artifact:
         notes: dict[str, object] = {"stages": list(self.stages)}
@@ -608,7 +609,8 @@ class MergeGuardStage2(MergeGuard):
     name = "mergeguard-stage2"
     Params = NegationParams
     stages = (2,)
-    frontier = {"k_params": ("0.05", "0.1", "0.2", "0.4"), "beta": ("0.5", "1", "1.5", "2")}
-    """k (share of each non-critical unit's entries negated) doubles from half the paper's 0.1 (§6.1) to 0.4: more
-    of the task vector is moved. β (Eq. 4, 1 in §6.1) runs from halving the masked task-vector entries (0.5) through
-    resetting them to θ_pre (1, the paper) to reflecting them through θ_pre (2, the literal negation)."""
+    frontier = {"k_params": ("0.05", "0.1", "0.2", "0.4"), "beta": ("0.5", "1", "2")}
+    """Six settings. k (share of each non-critical unit's entries negated) doubles from half the paper's 0.1 (§6.1)
+    to 0.4: more of the task vector is moved. β (Eq. 4, 1 in §6.1) runs from halving the masked task-vector entries
+    (0.5) through resetting them to θ_pre (1, the paper) to reflecting them through θ_pre (2, the literal negation);
+    β 1.5, between the last two, is left out to keep the frontier at six settings."""
