@@ -220,11 +220,15 @@ cells of two stores, victim metric and recovered side by side):
   entry is the TA one. On text-mix the four plain steps' protected cells spent 1,840 of their 2,164 cell-seconds
   evaluating five tasks; a victim-only evaluation is about a fifth of that.
 * **AdaMerging runs 25 Adam steps at lr 2e-2** (50 at 1e-2 in version 4): the same steps × lr, as the version-4
-  cut was argued and measured; what it changes on the version-4 pairs is in the session note of this version.
+  cut was argued. On the five vision-effnet protected pairs where version 4 ran AdaMerging (the version-4 experts),
+  the 25-step schedule recovered +0.087 more on average (−0.011 to +0.246; two increases significant, no
+  significant decrease), so the attacker is not weaker.
 * **Tuned merges 2+**: each candidate's BatchNorm statistics are re-estimated on the attacker's own labelled
   samples (its 256, the ones it is scored on), and token inputs are scored in length-sorted batches
   (`merges.tuned`). On text-mix every tuned cell of the version-4 MergeGuard pairs chose the same coefficient and
-  gave the same victim outcomes; length-sorting took trec-question's TA search from 22.6 s to 16.4 s.
+  gave the same victim outcomes; length-sorting took trec-question's TA search from 22.6 s to 16.4 s. On the 15
+  vision-effnet protected pairs (with the 256-image repair below) recovered moved by +0.073 (TA-tuned), +0.021
+  (DARE-TIES-tuned) and −0.047 (TIES-tuned) on average: three increases significant, no significant decrease.
 * **vision-effnet repairs BatchNorm on 256 training images** (1,024 before; `VisionEffNet.recalibration_samples`):
   a quarter of the repair in every merged evaluation and in MergeGuard's mask evaluations; merged victim
   accuracy 0.2–1.7 points lower on the nine plain merges measured.

@@ -5,8 +5,9 @@ images, partner tasks left out of an evaluation). Its cost is measured by the ce
 is measured here, cell by cell, on the pairs both stores hold: every merge cell is matched with the cell of the
 other store that has the same suite, victim, defense, filling, attack, merge name and seed (parameters and
 plugin versions may differ: that is the cut), its victim metric compared, and for every protected pair whose
-unprotected and counterfactual references are in both stores the recovered fraction (V_P − V_∅) / (V_U − V_∅)
-is compared with a paired bootstrap over the victim's test examples (the same examples in both stores).
+unprotected and counterfactual references are in both stores the recovered fraction (the scoring's own,
+`bench.scoring.bootstrap.PairStatistics.recovered`) is compared with a paired bootstrap over the victim's test
+examples (the same examples, the same draws, in both stores).
 
     .venv/bin/python benchmarks/protocol_cut.py --old OLD.sqlite --new NEW.sqlite [--merge adamerging-layer]
         [--suite vision-effnet] [--json out.json]
@@ -26,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import write_json  # noqa: E402
 from bench.outcomes import decode  # noqa: E402
+from bench.scoring import CI_LEVEL  # noqa: E402
+from bench.scoring.bootstrap import PairOutcomes, bootstrap_counts, pair_statistics, percentile_ci  # noqa: E402
 from bench.store import CellRecord, Store  # noqa: E402
 
 Key = tuple[str, str, str, str, str, str, int]
@@ -37,10 +40,12 @@ def _key(r: CellRecord) -> Key:
 
 
 def victim_outcomes(r: CellRecord) -> np.ndarray | None:
-    """Per-example outcomes of the merged model on the victim task, or None when not recorded."""
+    """Per-example outcomes of the merged model on the victim task in the metric's direction (sign-flipped when
+    lower is better, as the scoring reads them), or None when not recorded."""
     for m in r.metrics:
         if m.task == r.victim and m.role == "merged" and m.examples:
-            return np.asarray(decode(m.examples), dtype=float)
+            x = np.asarray(decode(m.examples), dtype=float)
+            return x if m.higher_is_better else -x
     return None
 
 
@@ -53,9 +58,10 @@ def merge_cells(path: str, merges: set[str] | None, suites: set[str] | None,
                 and (not merges or r.merge in merges) and (not suites or r.suite in suites)}
 
 
-def recovered(p: np.ndarray, u: np.ndarray, z: np.ndarray, idx: Any = slice(None)) -> float:
-    gain = u[idx].mean() - z[idx].mean()
-    return float("nan") if gain == 0 else float((p[idx].mean() - z[idx].mean()) / gain)
+def recovered(p: np.ndarray, u: np.ndarray, z: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """Per row of example ``weights`` [B, n]: the pair's recovered fraction (NaN where the gain is not positive)."""
+    outcomes = PairOutcomes(*(x[None, :] for x in (p, u, z)))
+    return pair_statistics(outcomes, weights, np.ones((len(weights), 1))).recovered
 
 
 def compare(old: dict[Key, CellRecord], new: dict[Key, CellRecord], *, draws: int = 2000,
@@ -72,7 +78,7 @@ def compare(old: dict[Key, CellRecord], new: dict[Key, CellRecord], *, draws: in
                       "s_old": (old[k].provenance or {}).get("wall_seconds"),
                       "s_new": (new[k].provenance or {}).get("wall_seconds")})
     rng = np.random.default_rng(seed)
-    pairs = []
+    pairs: list[dict[str, Any]] = []
     for k in sorted(old.keys() & new.keys()):
         suite, victim, defense, filling, attack, merge, s = k
         if filling != "protected":
@@ -90,12 +96,13 @@ def compare(old: dict[Key, CellRecord], new: dict[Key, CellRecord], *, draws: in
         n = [victim_outcomes(x) for x in (new[k], *refs[1])]
         if any(x is None for x in o + n) or len({len(x) for x in o + n}) != 1:
             continue
-        m = len(o[0])
-        diffs = [recovered(*n, idx) - recovered(*o, idx) for idx in (rng.integers(0, m, m) for _ in range(draws))]
-        lo, hi = np.nanquantile(diffs, [0.025, 0.975])
+        point = np.ones((1, len(o[0])))
+        counts = bootstrap_counts(rng, len(o[0]), draws)  # the same draws for both stores: a paired bootstrap
+        r_old, r_new = float(recovered(*o, point)[0]), float(recovered(*n, point)[0])
+        ci = percentile_ci(recovered(*n, counts) - recovered(*o, counts), CI_LEVEL, undefined=(-1.0, 1.0))
         pairs.append({"suite": suite, "victim": victim, "defense": defense, "attack": attack, "merge": merge, "seed": s,
-                      "recovered_old": recovered(*o), "recovered_new": recovered(*n),
-                      "diff": recovered(*n) - recovered(*o), "diff_ci": [float(lo), float(hi)]})
+                      "recovered_old": r_old, "recovered_new": r_new, "diff": r_new - r_old,
+                      "diff_ci": None if ci is None else [float(ci[0]), float(ci[1])]})
     return cells, pairs
 
 
