@@ -38,7 +38,7 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -380,6 +380,9 @@ class Source:
     not_applicable: dict[tuple[str, str], str]
     n_bootstrap: int = N_BOOTSTRAP
     ci_level: float = CI_LEVEL
+    omitted: dict[str, str] = field(default_factory=dict)
+    """Attacks the export's protocol leaves out on purpose, with its reason (`bench.protocol.Protocol.omitted`):
+    a condition that reads only such attacks is not measured *because of that reason*, which the row says."""
 
     def __post_init__(self) -> None:
         self._protected: dict[tuple[str, ...], list[Cell]] = defaultdict(list)
@@ -393,7 +396,8 @@ class Source:
         return cls({(e["suite"], e["defense"]): e for e in entries},
                    {c["cell_id"]: c for e in entries for c in e.get("cells", [])},
                    {(n["suite"], n["defense"]): n["reason"] for n in not_applicable},
-                   int(config.get("n_bootstrap", N_BOOTSTRAP)), float(config.get("ci_level", CI_LEVEL)))
+                   int(config.get("n_bootstrap", N_BOOTSTRAP)), float(config.get("ci_level", CI_LEVEL)),
+                   dict((config.get("protocol") or {}).get("omitted") or {}))
 
     def victims(self, suite: str, defense: str) -> list[dict[str, Any]]:
         entry = self.entries.get((suite, defense))
@@ -676,6 +680,9 @@ def evaluate_condition(src: Source, suite: str, cond: Condition, key: str) -> di
     if status == "missing" and found.uninformative:
         status = "uninformative"
     note = ""
+    omitted = [a for a in dict.fromkeys((*m.attacks, *m.versus_attacks)) if a in src.omitted]
+    if status == "missing" and omitted:
+        note = "; ".join(f"the protocol omits {a}: {src.omitted[a]}" for a in omitted)
     if found.uninformative:
         note = f"no significant merge gain on {', '.join(found.uninformative)}"
     if lacking and rows:
@@ -690,7 +697,7 @@ def _phrase(cond: Condition, res: dict[str, Any]) -> str:
     if status == "n/a":
         return f"{cond.name}: not applicable ({res['note']})"
     if status == "missing":
-        return f"{cond.name}: not measured"
+        return f"{cond.name}: not measured" + (f" ({res['note']})" if res["note"] else "")
     if status == "uninformative":
         return f"{cond.name}: no informative cell ({res['note']})"
     ci = res["ci"]

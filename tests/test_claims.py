@@ -188,6 +188,24 @@ def test_missing_cells_are_not_measured_with_the_command_that_measures_them(toy)
     assert suite_row(ledger, "taylorattack-inverts", "text-mix")["verdict"] == lc.NOT_MEASURED
 
 
+def test_a_claim_on_an_attack_the_protocol_omits_says_why_it_is_not_measured(toy) -> None:
+    out, _ = toy
+    _, entries = load_export(out)
+    why = "under task arithmetic it returns the merge without the victim"
+    for e in entries:
+        e["config"] = {**e["config"], "protocol": {"omitted": {"unmask": why}}}
+    doc = lc.claims_document(entries)
+    s = suite_row(doc, "mergeguard-unmask")
+    assert s["verdict"] == lc.NOT_MEASURED and f"the protocol omits unmask: {why}" in s["reason"]
+    assert s["conditions"][0]["note"] == f"the protocol omits unmask: {why}"
+    # the adaptive-margin claim reads unmask and graderase: only its unmask condition carries the reason
+    margin = suite_row(doc, "mergeguard-adaptive-margin")
+    unmask, graderase = margin["conditions"]
+    assert why in unmask["note"] and why not in graderase["note"]
+    # without the protocol's word, a missing cell is just missing
+    assert suite_row(lc.claims_document(load_export(out)[1]), "mergeguard-unmask")["conditions"][0]["note"] == ""
+
+
 def test_a_pair_without_gain_or_a_defense_that_cannot_act_is_not_testable(toy) -> None:
     out, ledger = toy
     s = suite_row(ledger, "params-disrupts")  # PaRaMS's only pair has U = ∅: the victim adds nothing
