@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -34,6 +35,27 @@ from bench.scoring.results import REFERENCE, Flag, PairScore, VictimScore
 from bench.scoring.selection import example_split, select_worst_pair
 from bench.store import CellRecord
 
+
+@lru_cache(maxsize=16)
+def example_counts(seed: int, suite: str, victim: str, n: int, draws: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One victim's example draws [draws, n]: over all its test examples, within the held-out half, within the
+    selection half (`example_split`). Seeded by (suite, victim), not by defense: every defense and pair sees the
+    same split and draws. Cached (read-only arrays): a protocol walk re-scores every victim after each step."""
+    rng = stable_rng(seed, suite, victim, "draws")
+    selection, heldout = example_split(seed, suite, victim, n)
+    out = (bootstrap_counts(rng, n, draws), bootstrap_counts(rng, n, draws, within=heldout),
+           bootstrap_counts(rng, n, draws, within=selection))
+    for a in out:
+        a.flags.writeable = False
+    return out
+
+
+@lru_cache(maxsize=16)
+def utility_counts(seed: int, suite: str, victim: str, n: int, draws: int) -> np.ndarray:
+    """One victim's example draws [draws, n] for its utility interval (cached and read-only, as `example_counts`)."""
+    w = bootstrap_counts(stable_rng(seed, suite, victim, "utility"), n, draws)
+    w.flags.writeable = False
+    return w
 
 @dataclass
 class Pair:
@@ -97,19 +119,19 @@ class VictimScorer:
         self._baseline_and_utility(vs)
         outcomes, reasons, n = self._outcomes(pairs)
         reps = sorted({r for p in pairs for r in p.replicates})
-        # Seeded by (suite, victim), not by defense: every defense and pair sees the same split and draws.
-        draw_rng = stable_rng(self.seed, self.suite, self.victim, "draws")
         n_eff = max(n, 1)
         # replicates draw from their own stream: adding seeds to one pair leaves every example draw (and so the
         # choice of the worst pair, and every other pair's interval) as it was
         rep_counts = (bootstrap_counts(stable_rng(self.seed, self.suite, self.victim, "replicates"), len(reps),
                                        self.n_bootstrap) if len(reps) > 1
                       else np.ones((self.n_bootstrap, max(len(reps), 1))))
-        all_counts = bootstrap_counts(draw_rng, n_eff, self.n_bootstrap) if n > 1 else np.ones((self.n_bootstrap, n_eff))
         selection, heldout = example_split(self.seed, self.suite, self.victim, n_eff)
-        held_counts = (bootstrap_counts(draw_rng, n_eff, self.n_bootstrap, within=heldout) if n > 1
-                       else np.ones((self.n_bootstrap, n_eff)))
-        sel_counts = bootstrap_counts(draw_rng, n_eff, self.n_bootstrap, within=selection) if n > 1 else None
+        if n > 1:
+            all_counts, held_counts, sel_counts = example_counts(self.seed, self.suite, self.victim, n_eff,
+                                                                self.n_bootstrap)
+        else:
+            all_counts = held_counts = np.ones((self.n_bootstrap, n_eff))
+            sel_counts = None
         ones = (np.ones((1, n_eff)), np.ones((1, max(len(reps), 1))))
         scores, eligible = [], []
         pair_reps = [self._replicate_counts(out, rep_counts) for out in outcomes]
@@ -323,7 +345,7 @@ class VictimScorer:
         vs.utility = utility_ratio(a_mean, e_mean, self.hib)
         n = len(pairs[0][0])
         if n > 1 and all(len(a) == n for a, _ in pairs):
-            w = bootstrap_counts(stable_rng(self.seed, self.suite, self.victim, "utility"), n, self.n_bootstrap)
+            w = utility_counts(self.seed, self.suite, self.victim, n, self.n_bootstrap)
             # several seeds (the protocol's replicates re-protect): resample them too, so their spread is in the interval
             c = (bootstrap_counts(stable_rng(self.seed, self.suite, self.victim, "utility seeds"), len(pairs),
                                   self.n_bootstrap) if len(pairs) > 1 else np.ones((self.n_bootstrap, 1)))
