@@ -13,9 +13,11 @@ from browser import chromium, needs_chromium  # (tests/ is on sys.path)
 from leaderboard import export as lb_export
 
 SHIPPED = lb_export.SHIPPED
-EMBEDDED = ("vision-effnet",)
-"""Suites the shipped protocol-version-2 results cover with every defense (text-mix is the next run: its expert
-recipe changed with the portable builds, so its version-1 cells were retired)."""
+EMBEDDED = ("vision-effnet", "text-mix")
+"""Suites the shipped results cover with every registered defense."""
+FRONTIER_SUITES = ("vision-effnet",)
+"""Suites the shipped results cover with every declared strength setting of every defense that acts there
+(`bench frontier`); text-mix's frontiers are planned with their measured unit cost, not shipped."""
 
 @pytest.fixture(scope="module")
 def shipped() -> tuple[dict, list[dict]]:
@@ -81,6 +83,27 @@ def test_build_from_the_shipped_data_needs_no_store(tmp_path: Path, monkeypatch)
     assert f'version {manifest["config"]["protocol"]["version"]}' in index
 
 
+def test_every_defense_ships_its_frontier_on_the_frontier_suites(shipped) -> None:
+    """Every declared setting of every defense acting on the suite, each a complete entry."""
+    from bench.frontier import frontier_variants, variant_labels
+    from bench.registry import defenses
+
+    manifest, _ = shipped
+    entries = {(e["suite"], e["defense"]): e["summary"] for e in manifest["entries"]}
+    shipped_frontiers = {(f["suite"], f["defense"]): f["points"] for f in manifest["frontiers"]}
+    for suite in FRONTIER_SUITES:
+        acting = [d for d in defenses.names() if defenses.get(d).frontier and (suite, d) in entries]
+        assert acting, suite
+        for d in acting:
+            points = shipped_frontiers.get((suite, d))
+            assert points is not None, f"{suite}: no frontier of {d}"
+            assert {p["label"] for p in points} == set(variant_labels(frontier_variants(d))), (suite, d)
+            for p in points:
+                summary = entries[(suite, p["label"])]
+                assert summary["complete"], (suite, p["label"])
+                assert p["utility"] is not None and p["security"] is not None, (suite, p["label"])
+
+
 @needs_chromium
 def test_the_shipped_site_renders_in_a_browser_without_errors(tmp_path: Path) -> None:
     from leaderboard.site import build_site
@@ -92,6 +115,17 @@ def test_the_shipped_site_renders_in_a_browser_without_errors(tmp_path: Path) ->
     rows = dom.count("<tr data-suite=")
     assert rows == len(manifest["entries"]) + len(manifest["overall"])
     assert 'class="signal"' in dom and "broken-by" in dom
+    # the frontiers page: a line per (defense, knob) of every shipped frontier
+    dom, console = chromium(tmp_path, (tmp_path / "site" / "frontiers.html").as_uri(), "--dump-dom")
+    assert console == []
+    lines = {(f["defense"], p["knob"]) for f in manifest["frontiers"] for p in f["points"]}
+    assert dom.count('<polyline class="frontier-line"') == len(lines) > 0
+    # the claims page: a row per claim, each with its verdict
+    dom, console = chromium(tmp_path, (tmp_path / "site" / "claims.html").as_uri(), "--dump-dom")
+    assert console == []
+    claims = json.loads((SHIPPED / "claims.json").read_text())["claims"]
+    for c in claims:
+        assert f'id="claim-{c["id"]}" data-verdict="{c["verdict"]}"' in dom, c["id"]
 
 
 def test_no_data_free_attack_is_credited_beyond_the_unattacked_pipeline(shipped) -> None:
