@@ -25,11 +25,11 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks._common import write_json  # noqa: E402
 from bench.outcomes import decode  # noqa: E402
 from bench.scoring import CI_LEVEL  # noqa: E402
 from bench.scoring.bootstrap import PairOutcomes, bootstrap_counts, pair_statistics, percentile_ci  # noqa: E402
 from bench.store import CellRecord, Store  # noqa: E402
+from benchmarks._common import write_json  # noqa: E402
 
 Key = tuple[str, str, str, str, str, str, int]
 """(suite, victim, defense, filling, attack, merge, seed)."""

@@ -57,6 +57,7 @@ def utility_counts(seed: int, suite: str, victim: str, n: int, draws: int) -> np
     w.flags.writeable = False
     return w
 
+
 @dataclass
 class Pair:
     attack: str
