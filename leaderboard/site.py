@@ -128,12 +128,13 @@ def _nice_step(span: float) -> float:
     return 1.0
 
 
-def scatter(rows: list[dict[str, Any]], floor: float) -> dict[str, Any] | None:
-    """Geometry of the utility (x) versus security (y) plot of one group of leaderboard rows."""
+def scatter(rows: list[dict[str, Any]], floor: float, size: tuple[int, int] = (460, 320)) -> dict[str, Any] | None:
+    """Geometry of the utility (x) versus security (y) plot of one group of leaderboard rows (``size``: the
+    drawing's width and height in pixels, margins included)."""
     pts = [r for r in rows if r["utility"] is not None and r["security"] is not None]
     if not pts:
         return None
-    w, h, left, right, top, bottom = 460, 320, 52, 130, 16, 44
+    (w, h), left, right, top, bottom = size, 52, 130, 16, 44
     us = [r["utility"] for r in pts]
     x0 = math.floor((min([*us, floor]) - 0.02) * 20) / 20
     x1 = math.ceil((max([*us, 1.0]) + 0.02) * 20) / 20
@@ -184,6 +185,8 @@ def _place_labels(points: list[dict[str, Any]], char_w: float = 6.2, line_h: flo
 
 FRONTIER_COLORS = ("#1f5fa8", "#c2571a", "#2b8a3e", "#8e3bb0", "#b0402a", "#0e7c86", "#6b6b00", "#a8326e")
 """One color per defense of a frontier plot (cycled)."""
+FRONTIER_SIZE = (860, 560)
+"""A frontier plot's size: every setting of every defense on one suite, a label each, so larger than a leaderboard's."""
 
 
 def frontier_figure(items: list[dict[str, Any]], floor: float) -> dict[str, Any] | None:
@@ -196,7 +199,7 @@ def frontier_figure(items: list[dict[str, Any]], floor: float) -> dict[str, Any]
             rows.setdefault(p["label"], {"defense": p["label"], "defense_href": _href("defense", p["label"]),
                                          "rank": 0, **{k: p[k] for k in ("utility", "utility_ci", "security",
                                                                           "security_ci")}})
-    geom = scatter(list(rows.values()), floor)
+    geom = scatter(list(rows.values()), floor, FRONTIER_SIZE)
     if geom is None:
         return None
     at = {p["label"]: p for p in geom["points"]}
