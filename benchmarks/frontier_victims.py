@@ -23,9 +23,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks._common import write_json  # noqa: E402
-
-PLAIN = ("wa", "ta", "ties", "dare-ties")
-"""The merges of the standard protocol's first step group (no attack)."""
+from leaderboard.claims import PLAIN  # noqa: E402  (the plain merges: the protocol's first step group)
 
 
 def _f(x: float | None) -> str:
